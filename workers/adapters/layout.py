@@ -20,7 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-PET_TYPES = ("lora", "adapter", "bitfit", "ia3", "diff", "maskbert")
+from schema.pet import PET_TYPES
+
 LINEAR_SITES = ("q", "k", "v", "attn_out", "ffn_in", "ffn_out")
 LAYERNORM_SITES = ("attn_ln", "ffn_ln")  # LN after attention block / after FFN block
 ADAPTER_PLACEMENTS = {"houlsby": ("attn", "ffn"), "pfeiffer": ("ffn",)}

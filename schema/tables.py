@@ -1,0 +1,128 @@
+"""Database contract: SQLAlchemy 2 declarative tables. No sessions, no business logic.
+
+Alembic revisions in ``migrations/`` create exactly these tables; a test checks that
+autogenerate finds no drift between the two.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (BigInteger, CheckConstraint, DateTime, Float, ForeignKey, Index, Integer,
+                        LargeBinary, MetaData, String, Text, UniqueConstraint, func)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from schema.pet import PET_TYPES
+
+# Stable constraint names so that migrations can refer to them.
+NAMING = {"ix": "ix_%(column_0_label)s", "uq": "uq_%(table_name)s_%(column_0_name)s",
+          "ck": "ck_%(table_name)s_%(constraint_name)s",
+          "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+          "pk": "pk_%(table_name)s"}
+
+ADAPTER_STATES = ("ready", "retired")
+WORKER_STATES = ("starting", "serving", "draining", "stopped", "dead")
+LEASE_STATES = ("active", "releasing", "released")
+
+
+def _in(col: str, values: tuple[str, ...]) -> str:
+    return f"{col} IN ({', '.join(repr(v) for v in values)})"
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class Tenant(Base):
+    __tablename__ = "tenants"
+    tenant_id: Mapped[str] = mapped_column(String(63), primary_key=True)
+    display_name: Mapped[str | None] = mapped_column(String(200))
+    # The adapter version requests are served with; NULL until the first import.
+    active_version: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    __table_args__ = (CheckConstraint("tenant_id ~ '^[a-z0-9][a-z0-9._-]{0,62}$'", name="tenant_id_format"),)
+
+
+class AdapterBlob(Base):
+    """Content-addressed safetensors bytes (the Postgres store backend)."""
+
+    __tablename__ = "adapter_blobs"
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class Adapter(Base):
+    __tablename__ = "adapters"
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.tenant_id", ondelete="CASCADE"))
+    version: Mapped[int] = mapped_column(Integer)
+    pet_type: Mapped[str] = mapped_column(String(16))
+    config: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    base_model_id: Mapped[str] = mapped_column(String(200))
+    sha256: Mapped[str] = mapped_column(String(64))  # blob key in whichever backend holds it
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    storage: Mapped[str] = mapped_column(String(16), server_default="postgres")
+    status: Mapped[str] = mapped_column(String(16), server_default="ready")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "version", name="uq_adapters_tenant_version"),
+        CheckConstraint(_in("pet_type", PET_TYPES), name="pet_type"),
+        CheckConstraint(_in("status", ADAPTER_STATES), name="status"),
+        CheckConstraint("version >= 1", name="version_positive"),
+        Index("ix_adapters_sha256", "sha256"),
+    )
+
+
+class Worker(Base):
+    __tablename__ = "workers"
+    worker_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    host: Mapped[str] = mapped_column(String(255))
+    device: Mapped[str] = mapped_column(String(64))
+    capacity: Mapped[float] = mapped_column(Float, server_default="1.0")  # relative tokens/s
+    state: Mapped[str] = mapped_column(String(16), server_default="starting")
+    heartbeat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default="{}")
+    __table_args__ = (CheckConstraint(_in("state", WORKER_STATES), name="state"),)
+
+
+class PartitionLease(Base):
+    __tablename__ = "partition_leases"
+    topic: Mapped[str] = mapped_column(String(249), primary_key=True)
+    partition: Mapped[int] = mapped_column(Integer, primary_key=True)
+    worker_id: Mapped[str | None] = mapped_column(ForeignKey("workers.worker_id", ondelete="SET NULL"))
+    epoch: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    state: Mapped[str] = mapped_column(String(16), server_default="released")
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    __table_args__ = (
+        CheckConstraint(_in("state", LEASE_STATES), name="state"),
+        CheckConstraint("partition >= 0", name="partition_nonnegative"),
+        Index("ix_partition_leases_worker_id", "worker_id"),
+    )
+
+
+class TenantRoute(Base):
+    """Hot tenants spread over several partitions (the SDK falls back to hashing)."""
+
+    __tablename__ = "tenant_routes"
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.tenant_id", ondelete="CASCADE"), primary_key=True)
+    partitions: Mapped[list[int]] = mapped_column(JSONB)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class AuditEvent(Base):
+    """What operators changed (imports, deletes, rebalances), for `flockserve status` and forensics."""
+
+    __tablename__ = "audit_events"
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    kind: Mapped[str] = mapped_column(String(64))
+    subject: Mapped[str] = mapped_column(String(255))
+    detail: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default="{}")
+    note: Mapped[str | None] = mapped_column(Text)

@@ -1,0 +1,245 @@
+"""`flockserve` command line: database migrations, topics, tenants and adapters.
+
+Human tables by default, ``--json`` for scripts. Bad input ends with a one-line ``error: ...``
+on stderr and exit code 1 (usage errors: 2).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(no_args_is_help=True, add_completion=False,
+                  help="Flock: many tenant-customised BERT encoders on one shared base model.")
+db_app = typer.Typer(no_args_is_help=True, help="Database migrations (Alembic).")
+tenant_app = typer.Typer(no_args_is_help=True, help="Tenants.")
+adapter_app = typer.Typer(no_args_is_help=True, help="Tenant adapters (PET deltas + heads).")
+topics_app = typer.Typer(no_args_is_help=True, help="Kafka topics.")
+app.add_typer(db_app, name="db")
+app.add_typer(tenant_app, name="tenant")
+app.add_typer(adapter_app, name="adapter")
+app.add_typer(topics_app, name="topics")
+
+out = Console()
+err = Console(stderr=True)
+JSON_OPT = typer.Option(False, "--json", help="Machine-readable JSON output.")
+
+
+class CliError(Exception):
+    """Expected failure: printed as one line, exit code 1."""
+
+
+def _plain(v: Any) -> Any:
+    if dataclasses.is_dataclass(v):
+        return {k: _plain(x) for k, x in dataclasses.asdict(v).items()}
+    if isinstance(v, datetime):
+        return v.isoformat()
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    return v
+
+
+def emit(rows: Sequence[Any] | Any, as_json: bool, columns: Sequence[str], title: str | None = None) -> None:
+    """Print dataclass rows as a rich table, or as JSON (a list, or one object)."""
+    if as_json:
+        out.print_json(json.dumps(_plain(rows)))
+        return
+    rows = rows if isinstance(rows, (list, tuple)) else [rows]
+    table = Table(title=title)
+    for c in columns:
+        table.add_column(c)
+    for r in rows:
+        d = _plain(r)
+        table.add_row(*("" if d.get(c) is None else str(d.get(c)) for c in columns))
+    out.print(table)
+
+
+def run_cli(fn: Callable[[], Any]) -> Any:
+    """Turn the typed errors of the lower layers into one line and exit 1."""
+    from sqlalchemy.exc import OperationalError, ProgrammingError
+
+    from workers.adapters.store import StoreError
+    from workers.adapters.validate import AdapterRejected
+    from workers.models import ModelNotFound
+
+    try:
+        return fn()
+    except (CliError, StoreError, AdapterRejected, ModelNotFound) as exc:
+        err.print(f"error: {exc}", markup=False, highlight=False)
+    except OperationalError as exc:
+        err.print(f"error: database unreachable: {str(exc.orig).strip().splitlines()[0]}", markup=False)
+    except ProgrammingError as exc:
+        err.print(f"error: database not migrated? run `flockserve db upgrade` "
+                  f"({str(exc.orig).strip().splitlines()[0]})", markup=False)
+    raise typer.Exit(1)
+
+
+def _sessions():
+    from workers.db import session_factory
+    return session_factory()
+
+
+def _store():
+    from workers.adapters.store import AdapterStore, make_backend
+    from workers.config import settings
+    s = settings()
+    return AdapterStore(_sessions(), make_backend(s.store_backend, s.store_dir),
+                        max_bytes=s.max_adapter_bytes, models_dir=s.models_dir)
+
+
+# ---------------------------------------------------------------- db
+@db_app.command("upgrade")
+def db_upgrade(revision: str = typer.Argument("head")) -> None:
+    """Migrate the database up to REVISION (default: head)."""
+    from workers import migrate
+    run_cli(lambda: migrate.upgrade(revision))
+    db_current(as_json=False)
+
+
+@db_app.command("downgrade")
+def db_downgrade(revision: str = typer.Argument("-1")) -> None:
+    """Migrate the database down to REVISION (default: one step; 'base' for empty)."""
+    from workers import migrate
+    run_cli(lambda: migrate.downgrade(revision))
+    db_current(as_json=False)
+
+
+@db_app.command("current")
+def db_current(as_json: bool = JSON_OPT) -> None:
+    """Show the database's revision and this code's head."""
+    from workers import migrate
+    cur, head = run_cli(migrate.current)
+    info = {"current": cur, "head": head, "up_to_date": cur == head}
+    if as_json:
+        out.print_json(json.dumps(info))
+    else:
+        out.print(f"database at {cur or '(empty)'}; code head {head}"
+                  + ("" if cur == head else "  [yellow]-> run `flockserve db upgrade`[/]"))
+
+
+# ---------------------------------------------------------------- topics
+@topics_app.command("create")
+def topics_create(partitions: Optional[int] = typer.Option(None, help="Request-topic partitions."),
+                  as_json: bool = JSON_OPT) -> None:
+    """Create Flock's topics if missing (idempotent) and show their partition counts."""
+    from workers.config import settings
+    from workers.kafka_admin import ensure_topics, topic_plan
+
+    s = settings()
+
+    def go():
+        try:
+            return asyncio.run(ensure_topics(s.kafka_bootstrap, topic_plan(partitions or s.request_partitions)))
+        except Exception as exc:  # aiokafka raises a zoo of connection errors
+            raise CliError(f"kafka at {s.kafka_bootstrap}: {type(exc).__name__}: {exc}") from None
+
+    counts = run_cli(go)
+    rows = [{"topic": t, "partitions": n} for t, n in sorted(counts.items())]
+    emit(rows, as_json, ["topic", "partitions"], title="topics")
+
+
+# ---------------------------------------------------------------- tenants
+TENANT_COLS = ["tenant_id", "display_name", "active_version", "pet_type", "adapters", "created_at"]
+
+
+@tenant_app.command("create")
+def tenant_create(tenant_id: str, name: Optional[str] = typer.Option(None, "--name", help="Display name."),
+                  as_json: bool = JSON_OPT) -> None:
+    """Register a tenant."""
+    from workers.tenants import TenantRegistry
+    emit(run_cli(lambda: TenantRegistry(_sessions()).create(tenant_id, name)), as_json, TENANT_COLS)
+
+
+@tenant_app.command("list")
+def tenant_list(as_json: bool = JSON_OPT) -> None:
+    """List tenants."""
+    from workers.tenants import TenantRegistry
+    emit(run_cli(lambda: TenantRegistry(_sessions()).list()), as_json, TENANT_COLS, title="tenants")
+
+
+@tenant_app.command("show")
+def tenant_show(tenant_id: str, as_json: bool = JSON_OPT) -> None:
+    """Show one tenant and its adapter versions."""
+    from workers.tenants import TenantRegistry
+
+    def go():
+        return TenantRegistry(_sessions()).show(tenant_id), _store().list(tenant_id)
+
+    info, adapters = run_cli(go)
+    if as_json:
+        out.print_json(json.dumps({**_plain(info), "adapter_versions": _plain(adapters)}))
+        return
+    emit(info, False, TENANT_COLS)
+    if adapters:
+        emit(adapters, False, ADAPTER_COLS, title=f"adapters of {tenant_id}")
+
+
+@tenant_app.command("delete")
+def tenant_delete(tenant_id: str, yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask."),
+                  as_json: bool = JSON_OPT) -> None:
+    """Delete a tenant with all its adapter versions."""
+    from workers.tenants import TenantRegistry
+    if not yes and sys.stdin.isatty():
+        typer.confirm(f"delete tenant {tenant_id} and all its adapters?", abort=True)
+
+    def go():
+        TenantRegistry(_sessions()).delete(tenant_id)
+        return _store().collect_garbage()
+
+    freed = run_cli(go)
+    if as_json:
+        out.print_json(json.dumps({"deleted": tenant_id, "blobs_freed": freed}))
+    else:
+        out.print(f"deleted tenant {tenant_id} ({freed} unreferenced blobs freed)")
+
+
+# ---------------------------------------------------------------- adapters
+ADAPTER_COLS = ["tenant_id", "version", "pet_type", "base_model_id", "size_bytes", "sha256", "status", "created_at"]
+
+
+@adapter_app.command("import")
+def adapter_import(tenant_id: str, directory: Path,
+                   base_model: Optional[str] = typer.Option(None, help="Base model id (default FLOCK_DEFAULT_BASE_MODEL)."),
+                   labels: Optional[str] = typer.Option(None, help="Comma-separated label names."),
+                   pooling: Optional[str] = typer.Option(None, help="seq_cls pooling: pooler | cls | mean."),
+                   activate: bool = typer.Option(True, help="Serve this version right away."),
+                   as_json: bool = JSON_OPT) -> None:
+    """Import an adapter directory (PEFT or Flock-native) as the tenant's next version."""
+    from workers.adapters.importers import read_adapter_dir
+    from workers.config import settings
+
+    s = settings()
+
+    def go():
+        imp = read_adapter_dir(directory, labels=labels.split(",") if labels else None, pooling=pooling,
+                               max_bytes=s.max_adapter_bytes)
+        return _store().import_tensors(tenant_id, imp.pet_type, imp.config, imp.tensors,
+                                       base_model or s.default_base_model, activate=activate)
+
+    rec = run_cli(go)
+    emit(rec, as_json, ADAPTER_COLS)
+
+
+@adapter_app.command("list")
+def adapter_list(tenant: Optional[str] = typer.Option(None, help="Only this tenant."), as_json: bool = JSON_OPT) -> None:
+    """List adapter versions."""
+    emit(run_cli(lambda: _store().list(tenant)), as_json, ADAPTER_COLS, title="adapters")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

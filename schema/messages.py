@@ -160,7 +160,7 @@ def _check(spec: tuple[Field, ...], obj: Any, where: str, one_of=None) -> dict:
             if f.nullable:
                 continue
             raise WireError(ErrorCode.MALFORMED, f"{name!r} must not be null")
-        _check_value(f, v, name)
+        obj[f.name] = _check_value(f, v, name)
     if one_of is not None:
         present = tuple(sorted(obj))
         if present not in {tuple(sorted(s)) for s in one_of}:
@@ -173,7 +173,15 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _check_value(f: Field, v: Any, name: str) -> None:
+def _as_int(v: Any) -> Any:
+    """Integral floats count as integers (JSON Schema's rule; JavaScript encoders emit them)."""
+    if isinstance(v, float) and math.isfinite(v) and v.is_integer():
+        return int(v)
+    return v
+
+
+def _check_value(f: Field, v: Any, name: str) -> Any:
+    """Raise WireError unless ``v`` fits ``f``; return it normalised (integral floats -> int)."""
     bad = lambda what: WireError(ErrorCode.MALFORMED, f"{name!r} {what}")  # noqa: E731
     if f.kind == "str" or f.kind == "enum":
         if not isinstance(v, str):
@@ -186,6 +194,7 @@ def _check_value(f: Field, v: Any, name: str) -> None:
         if f.enum and v not in f.enum:
             raise bad(f"must be one of {list(f.enum)}")
     elif f.kind == "int":
+        v = _as_int(v)
         if not _is_int(v):
             raise bad("must be an integer")
         if (f.minimum is not None and v < f.minimum) or (f.maximum is not None and v > f.maximum):
@@ -200,6 +209,8 @@ def _check_value(f: Field, v: Any, name: str) -> None:
             code = ErrorCode.INPUT_TOO_LARGE if f.name == "token_ids" else ErrorCode.MALFORMED
             raise WireError(code, f"{name!r} has more than {f.max_len} items")
         item = f.kind[5:-1]
+        if item == "int":
+            v = [_as_int(x) for x in v]
         for x in v:
             if item == "int" and not (_is_int(x) and (f.minimum is None or x >= f.minimum)
                                       and (f.maximum is None or x <= f.maximum)):
@@ -212,6 +223,7 @@ def _check_value(f: Field, v: Any, name: str) -> None:
         _check(f.fields or (), v, f"{name}.", f.one_of)
     else:  # pragma: no cover - a programming error in the tables
         raise AssertionError(f.kind)
+    return v
 
 
 def _unpack(data: bytes, limit: int) -> Any:
@@ -222,7 +234,7 @@ def _unpack(data: bytes, limit: int) -> Any:
     try:
         # Limits bound memory even before validation; raw=False rejects invalid UTF-8.
         return msgpack.unpackb(bytes(data), raw=False, strict_map_key=True, use_list=True,
-                               max_buffer_size=limit, max_str_len=limit, max_bin_len=0,
+                               max_str_len=limit, max_bin_len=0,
                                max_array_len=MAX_TOKEN_IDS * 2, max_map_len=64, max_ext_len=0)
     except WireError:
         raise
@@ -290,9 +302,10 @@ class InferRequest:
     def decode(cls, data: bytes, *, max_bytes: int = MAX_MESSAGE_BYTES) -> "InferRequest":
         obj = _unpack(data, max_bytes)
         salvage = _salvage(obj)
-        if isinstance(obj, dict) and _is_int(obj.get("schema_version")) and obj["schema_version"] != SCHEMA_VERSION:
+        version = _as_int(obj.get("schema_version")) if isinstance(obj, dict) else None
+        if _is_int(version) and version != SCHEMA_VERSION:
             raise WireError(ErrorCode.UNSUPPORTED_VERSION,
-                            f"schema_version {obj['schema_version']} not supported (this worker speaks {SCHEMA_VERSION})",
+                            f"schema_version {version} not supported (this worker speaks {SCHEMA_VERSION})",
                             **salvage)
         try:
             _check(REQUEST_FIELDS, obj, "")

@@ -1,0 +1,77 @@
+"""TenantDelta -> HostDelta: validated, converted to bank layout, engine dtype, pinned host memory."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from workers.adapters.layout import BaseDims
+from workers.engine import heads
+from workers.engine.bank import BankLayout
+from workers.engine.batch import TenantDelta
+from workers.engine.errors import AdapterLoadError
+from workers.engine.pets import adapter, bitfit, ia3, lora, sparse
+from workers.engine.pets.common import checked_tensors
+
+BANKED = {"lora": lora, "adapter": adapter, "bitfit": bitfit, "ia3": ia3}
+SPARSE = {"diff": sparse.diff_tensors, "maskbert": sparse.mask_tensors}
+
+
+@dataclass
+class HostDelta:
+    tenant_id: str
+    version: int | str
+    pet_type: str
+    task: str
+    pooling: str
+    labels: list[str]
+    bank_layout: BankLayout | None
+    bank_tensors: dict[str, torch.Tensor] | None
+    head_layout: BankLayout
+    head_tensors: dict[str, torch.Tensor]
+    sparse: dict[str, torch.Tensor] | None
+    nbytes: int
+
+
+def _pinned_pack(tensors: dict[str, torch.Tensor], dtype: torch.dtype, pin: bool) -> dict[str, torch.Tensor]:
+    """Cast floats to dtype and pack them into one (pinned) buffer: one allocation per tenant."""
+    total = sum(t.numel() for t in tensors.values() if t.is_floating_point())
+    flat = torch.empty(total, dtype=dtype, pin_memory=pin)
+    out, off = {}, 0
+    for n, t in tensors.items():
+        if t.is_floating_point():
+            v = flat[off:off + t.numel()].view(t.shape)
+            v.copy_(t)
+            off += t.numel()
+            out[n] = v
+        else:
+            out[n] = t.contiguous().pin_memory() if pin else t.contiguous()
+    return out
+
+
+def to_host(delta: TenantDelta, dims: BaseDims, dtype: torch.dtype, pin: bool, has_pooler: bool) -> HostDelta:
+    t = checked_tensors(delta, dims)
+    cfg = delta.config
+    task = cfg["task"]
+    pooling = cfg.get("pooling", "cls") if task == "seq_cls" else "cls"
+    if task == "seq_cls" and pooling == "pooler" and not has_pooler:
+        raise AdapterLoadError(f"tenant {delta.tenant_id}: pooling 'pooler' but the base model has no pooler")
+    try:
+        head_layout = heads.bank_layout(cfg, dims)
+        head_t = heads.slot_tensors(delta, t, dims, head_layout)
+        bank_layout = bank_t = sp = None
+        if delta.pet_type in BANKED:
+            mod = BANKED[delta.pet_type]
+            bank_layout = mod.bank_layout(cfg, dims)
+            bank_t = _pinned_pack(mod.slot_tensors(delta, t, dims, bank_layout), dtype, pin)
+        else:
+            sp = _pinned_pack(SPARSE[delta.pet_type](delta, t, dims), dtype, pin)
+    except AdapterLoadError:
+        raise
+    except (KeyError, ValueError, RuntimeError, IndexError) as e:
+        raise AdapterLoadError(f"tenant {delta.tenant_id}: cannot convert delta: {e}") from e
+    head_t = _pinned_pack(head_t, dtype, pin)
+    nbytes = sum(x.numel() * x.element_size() for d in (bank_t, head_t, sp) if d for x in d.values())
+    return HostDelta(delta.tenant_id, delta.version, delta.pet_type, task, pooling, list(cfg["labels"]),
+                     bank_layout, bank_t, head_layout, head_t, sp, nbytes)

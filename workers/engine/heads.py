@@ -1,0 +1,69 @@
+"""Task heads: pooling per sequence, then per-tenant heads by gathered batched matmuls.
+
+Heads are banked by label-count bucket; padded label columns are masked out of the softmax.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from workers.adapters.layout import BaseDims
+from workers.engine.bank import BankLayout, SlotSpec
+from workers.engine.batch import TenantDelta
+from workers.engine.pets.common import next_bucket
+
+LABEL_BUCKETS = (2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+def bank_layout(cfg: dict, dims: BaseDims) -> BankLayout:
+    cb = next_bucket(len(cfg["labels"]), LABEL_BUCKETS)
+    return BankLayout(f"head:c{cb}", "head", {"weight": SlotSpec((cb, dims.hidden), per_layer=False),
+                                              "bias": SlotSpec((cb,), per_layer=False)})
+
+
+def slot_tensors(delta: TenantDelta, t: dict[str, torch.Tensor], dims: BaseDims, layout: BankLayout):
+    out = {n: torch.full(s.shape, s.fill) for n, s in layout.specs.items()}
+    c = len(delta.config["labels"])
+    out["weight"][:c] = t["head.weight"]
+    out["bias"][:c] = t["head.bias"]
+    return out
+
+
+def pool(hidden: torch.Tensor, plan, pooler_w, pooler_b) -> torch.Tensor:
+    """[B, h] pooled vector of each sorted sequence, following its tenant's pooling."""
+    pooled = hidden.index_select(0, plan.cls_rows)
+    if plan.mean_rows.numel():
+        sums = torch.zeros_like(pooled, dtype=torch.float32).index_add_(0, plan.tok_seq, hidden.float())
+        lens = (plan.cu_seqlens[1:] - plan.cu_seqlens[:-1]).to(torch.float32).unsqueeze(1)
+        pooled[plan.mean_rows] = (sums / lens).to(hidden.dtype).index_select(0, plan.mean_rows)
+    if plan.pooler_rows.numel():
+        cls = pooled.index_select(0, plan.pooler_rows)
+        pooled[plan.pooler_rows] = torch.tanh(torch.addmm(pooler_b, cls, pooler_w.t()))
+    return pooled
+
+
+def _masked_softmax(logits: torch.Tensor, nlabels: torch.Tensor) -> torch.Tensor:
+    cols = torch.arange(logits.shape[-1], device=logits.device)
+    mask = cols >= nlabels.unsqueeze(-1)
+    return torch.softmax(logits.float().masked_fill(mask, float("-inf")), dim=-1)
+
+
+def seq_logits(hg, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[n, Cb] logits and softmax of the group's seq_cls sequences."""
+    W = hg.bank.get("weight").index_select(0, hg.seq_slots)  # [n, Cb, h]
+    b = hg.bank.get("bias").index_select(0, hg.seq_slots)
+    x = pooled.index_select(0, hg.seq_rows).unsqueeze(1)  # [n, 1, h]
+    logits = torch.baddbmm(b.unsqueeze(1), x, W.transpose(1, 2)).squeeze(1)
+    return logits, _masked_softmax(logits, hg.seq_nlabels)
+
+
+def token_logits(hg, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[n_tok, Cb] logits and softmax of the group's token_cls tokens (in group order)."""
+    W = hg.bank.get("weight").index_select(0, hg.tok_slots)
+    b = hg.bank.get("bias").index_select(0, hg.tok_slots)
+    x = hidden[hg.tok_pad_idx]  # [n, L, h]
+    logits = torch.baddbmm(b.unsqueeze(1), x, W.transpose(1, 2))
+    cb = logits.shape[-1]
+    nl = hg.tok_nlabels.unsqueeze(1).expand(-1, logits.shape[1])
+    logits = logits.reshape(-1, cb).index_select(0, hg.tok_valid_flat)
+    return logits, _masked_softmax(logits, nl.reshape(-1).index_select(0, hg.tok_valid_flat))

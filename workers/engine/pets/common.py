@@ -1,0 +1,74 @@
+"""Helpers shared by the PET converters."""
+
+from __future__ import annotations
+
+import torch
+
+from workers.adapters.layout import BaseDims, LayoutError, expected_tensors, optional_tensors
+from workers.engine.batch import TenantDelta
+from workers.engine.errors import AdapterLoadError
+
+# Output groups of the encoder's shared GEMMs: q, k, v share one fused GEMM (columns q | k | v).
+SITE_GROUP = {"q": "qkv", "k": "qkv", "v": "qkv", "attn_out": "attn_out", "ffn_in": "ffn_in",
+              "ffn_out": "ffn_out"}
+GROUPS = ("qkv", "attn_out", "ffn_in", "ffn_out")
+
+
+def group_out(group: str, dims: BaseDims) -> int:
+    h, m = dims.hidden, dims.intermediate
+    return {"qkv": 3 * h, "attn_out": h, "ffn_in": m, "ffn_out": h}[group]
+
+
+def group_in(group: str, dims: BaseDims) -> int:
+    return dims.intermediate if group == "ffn_out" else dims.hidden
+
+
+def site_col(site: str, dims: BaseDims) -> int:
+    """First column of a site inside its group's output."""
+    return "qkv".index(site) * dims.hidden if site in ("q", "k", "v") else 0
+
+
+def layers_of(cfg: dict, dims: BaseDims) -> list[int]:
+    return sorted(cfg.get("layers") or range(dims.layers))
+
+
+def next_bucket(n: int, buckets: tuple[int, ...]) -> int:
+    for b in buckets:
+        if n <= b:
+            return b
+    raise AdapterLoadError(f"{n} exceeds the largest bucket {buckets[-1]}")
+
+
+def checked_tensors(delta: TenantDelta, dims: BaseDims) -> dict[str, torch.Tensor]:
+    """Validate against the canonical layout; returns fp32 CPU tensors (int/uint8 kept as is)."""
+    try:
+        required = expected_tensors(delta.pet_type, delta.config, dims)
+        optional = optional_tensors(delta.pet_type, delta.config, dims)
+    except LayoutError as e:
+        raise AdapterLoadError(f"tenant {delta.tenant_id}: {e}") from e
+    specs = {s.name: s for s in required + optional}
+    missing = [s.name for s in required if s.name not in delta.tensors]
+    unknown = [n for n in delta.tensors if n not in specs]
+    if missing or unknown:
+        raise AdapterLoadError(f"tenant {delta.tenant_id}: missing {missing[:4]} unknown {unknown[:4]}")
+    out = {}
+    for name, t in delta.tensors.items():
+        spec = specs[name]
+        t = torch.as_tensor(t).detach().cpu()
+        if spec.shape is not None and tuple(t.shape) != spec.shape:
+            raise AdapterLoadError(f"tenant {delta.tenant_id}: {name} has shape {tuple(t.shape)}, "
+                                   f"expected {spec.shape}")
+        if spec.dtype == "float":
+            if not t.is_floating_point():
+                raise AdapterLoadError(f"tenant {delta.tenant_id}: {name} must be float")
+            t = t.float()
+            if not bool(torch.isfinite(t).all()):
+                raise AdapterLoadError(f"tenant {delta.tenant_id}: {name} has non-finite values")
+        elif spec.dtype == "int":
+            if t.is_floating_point() or t.dtype == torch.bool:
+                raise AdapterLoadError(f"tenant {delta.tenant_id}: {name} must be integer")
+            t = t.long()
+        elif spec.dtype == "uint8" and t.dtype != torch.uint8:
+            raise AdapterLoadError(f"tenant {delta.tenant_id}: {name} must be uint8")
+        out[name] = t
+    return out

@@ -1,0 +1,65 @@
+"""LoRA: y += (alpha/r) * (x A^T) B^T on the tenant's rows, for any subset of the linear sites.
+
+Bank key: rank bucket + site set (ranks are bucketed, never padded to the batch max). Sites that
+share an input (q, k, v) share one shrink: their A matrices are stacked along the rank axis.
+The scale alpha/r is folded into B at conversion time.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from workers.adapters.layout import LINEAR_SITES, BaseDims, lora_scale
+from workers.engine.bank import BankLayout, SlotSpec
+from workers.engine.batch import TenantDelta
+from workers.engine.pets import segmented
+from workers.engine.pets.common import GROUPS, SITE_GROUP, group_in, layers_of, next_bucket, site_col
+
+RANK_BUCKETS = (8, 16, 32, 64, 128, 256)
+
+
+def _sites(cfg) -> list[str]:
+    chosen = cfg.get("sites", ["q", "v"])
+    return [s for s in LINEAR_SITES if s in chosen]
+
+
+def bank_layout(cfg: dict, dims: BaseDims) -> BankLayout:
+    rb = next_bucket(int(cfg["r"]), RANK_BUCKETS)
+    sites = _sites(cfg)
+    specs, members = {}, {}
+    L = dims.layers
+    for g in GROUPS:
+        ms = [s for s in sites if SITE_GROUP[s] == g]
+        if not ms:
+            continue
+        out_f = dims.site_shape(ms[0])[0]
+        specs[f"A.{g}"] = SlotSpec((L, len(ms) * rb, group_in(g, dims)))
+        specs[f"B.{g}"] = SlotSpec((L, len(ms), out_f, rb))
+        members[g] = [site_col(s, dims) for s in ms]
+    return BankLayout(f"lora:r{rb}:{','.join(sites)}", "lora", specs, {"rank": rb, "cols": members})
+
+
+def slot_tensors(delta: TenantDelta, t: dict[str, torch.Tensor], dims: BaseDims, layout: BankLayout):
+    cfg, rb = delta.config, layout.extra["rank"]
+    r, scale = int(cfg["r"]), lora_scale(cfg)
+    out = {n: torch.full(s.shape, s.fill) for n, s in layout.specs.items()}
+    sites = _sites(cfg)
+    for g in GROUPS:
+        ms = [s for s in sites if SITE_GROUP[s] == g]
+        for m, s in enumerate(ms):
+            for i in layers_of(cfg, dims):
+                out[f"A.{g}"][i, m * rb:m * rb + r] = t[f"layers.{i}.{s}.lora_A"]
+                out[f"B.{g}"][i, m, :, :r] = t[f"layers.{i}.{s}.lora_B"] * scale
+    return out
+
+
+def apply(group, layer: int, site_group: str, x: torch.Tensor, y: torch.Tensor) -> None:
+    """x: full-batch input of the site group, y: its output; touches only the group's rows."""
+    bank = group.bank
+    A = bank.get(f"A.{site_group}")
+    if A is None:
+        return
+    seg = group.seg
+    xs, ys = x[seg.t0:seg.t1], y[seg.t0:seg.t1]
+    xa = segmented.shrink(xs, A[:, layer], seg)
+    segmented.expand_add(xa, bank.get(f"B.{site_group}")[:, layer], seg, ys, bank.extra["cols"][site_group])

@@ -237,6 +237,96 @@ def adapter_list(tenant: Optional[str] = typer.Option(None, help="Only this tena
     emit(run_cli(lambda: _store().list(tenant)), as_json, ADAPTER_COLS, title="adapters")
 
 
+# ---------------------------------------------------------------- data plane
+@app.command("worker")
+def worker_cmd(partitions: Optional[str] = typer.Option(None, help='Request partitions, e.g. "all" or "0,2-5".'),
+               device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N")) -> None:
+    """Run a GPU/CPU worker: consume requests, batch many tenants per forward pass, reply."""
+    from workers.config import Settings
+    from workers.serving.main import main as worker_main
+
+    over = {k: v for k, v in {"partitions": partitions, "device": device}.items() if v is not None}
+    worker_main(Settings(**over))
+
+
+def _reply_row(reply) -> dict:
+    o = reply.outputs or {}
+    return {"request_id": reply.request_id, "tenant_id": reply.tenant_id, "status": reply.status.value,
+            "label": o.get("label") or (" ".join(o.get("token_labels", [])) or None),
+            "score": round(max(o["scores"]), 4) if o.get("scores") else None,
+            "adapter_version": reply.adapter_version, "worker_id": reply.worker_id,
+            "total_ms": (reply.timings or {}).get("total_ms"), "error": reply.error_message}
+
+
+@app.command("send")
+def send_cmd(tenant_id: str, text: str, pair: Optional[str] = typer.Option(None, help="Second text segment."),
+             timeout: float = typer.Option(30.0, help="Seconds to wait for the reply."),
+             as_json: bool = JSON_OPT) -> None:
+    """Send one request and print its reply (exit 1 when the reply is an error)."""
+    from workers.client import FlockClient, FlockTimeout
+
+    async def go():
+        async with FlockClient() as c:
+            return await c.infer(tenant_id, text, text_pair=pair, timeout=timeout)
+
+    def run():
+        try:
+            return asyncio.run(go())
+        except FlockTimeout as exc:
+            raise CliError(str(exc)) from None
+
+    reply = run_cli(run)
+    if as_json:
+        out.print_json(json.dumps(_plain(reply.to_wire())))
+    else:
+        emit(_reply_row(reply), False, ["tenant_id", "status", "label", "score", "adapter_version", "worker_id",
+                                        "total_ms", "error"])
+    if not reply.ok:
+        raise typer.Exit(1)
+
+
+@app.command("load")
+def load_cmd(count: int = typer.Option(1000, help="Requests to send."),
+             rate: float = typer.Option(200.0, help="Requests per second (open loop)."),
+             tenants: Optional[str] = typer.Option(None, help="Comma-separated tenants (default: all with adapters)."),
+             dist: str = typer.Option("uniform", help="uniform | zipf"),
+             zipf_s: float = typer.Option(1.1, help="Zipf exponent."),
+             min_words: int = typer.Option(4), max_words: int = typer.Option(60),
+             timeout: float = typer.Option(60.0), seed: int = typer.Option(0),
+             as_json: bool = JSON_OPT) -> None:
+    """Generate load and report throughput, latency percentiles and reply statuses."""
+    from rich.progress import Progress
+
+    from workers.client import FlockClient
+    from workers.loadgen import run_load
+    from workers.tenants import TenantRegistry
+
+    names = tenants.split(",") if tenants else [t.tenant_id for t in run_cli(lambda: TenantRegistry(_sessions()).list())
+                                                 if t.active_version is not None]
+    if not names:
+        err.print("error: no tenants with adapters (flockserve adapter import ...)")
+        raise typer.Exit(1)
+
+    async def go():
+        async with FlockClient() as c:
+            with Progress(console=err, transient=True, disable=as_json) as bar:
+                task = bar.add_task("requests", total=count)
+                return await run_load(c, names, rate=rate, count=count, dist=dist, zipf_s=zipf_s,
+                                      min_words=min_words, max_words=max_words, timeout=timeout, seed=seed,
+                                      progress=lambda done, total: bar.update(task, completed=done))
+
+    report = asyncio.run(go()).summary()
+    if as_json:
+        out.print_json(json.dumps(report))
+    else:
+        emit({k: v for k, v in report.items() if k != "statuses"}, False,
+             ["sent", "replied", "timeouts", "duration_s", "throughput_rps", "p50_ms", "p95_ms", "p99_ms", "duplicates"],
+             title="load")
+        out.print("statuses: " + ", ".join(f"{k}={v}" for k, v in sorted(report["statuses"].items())))
+    if report["timeouts"]:
+        raise typer.Exit(1)
+
+
 def main() -> None:
     app()
 

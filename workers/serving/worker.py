@@ -1,0 +1,394 @@
+"""The Kafka data plane of one worker: consume -> decode -> tokenise -> batch -> engine -> reply
+-> commit. Knows nothing of CUDA: the engine is reached through ``submit/prefetch/invalidate``.
+
+Delivery: at-least-once. Each consumed offset is tracked until every record it causes (reply
+and/or DLQ record) is acked by Kafka; per partition only the contiguous done prefix is
+committed. A crash therefore replays unfinished requests (duplicates carry the same
+request_id) and never drops one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaError
+from aiokafka.structs import OffsetAndMetadata
+
+from schema.messages import ErrorCode, InferReply, InferRequest, WireError
+from workers.serving.batcher import BatchPolicy, CoordinatedBatcher, Pending
+from workers.serving.metrics import WorkerMetrics
+from workers.serving.offsets import OffsetTracker
+from workers.serving.replies import dlq_headers, reply_for_output
+
+log = logging.getLogger("flock.worker")
+
+
+class EngineAPI(Protocol):
+    def submit(self, batch: Any) -> Any: ...  # -> concurrent.futures.Future[list[RequestOutput]]
+    def prefetch(self, tenant_ids: list[str]) -> Any: ...
+    def invalidate(self, tenant_id: str) -> None: ...
+
+
+class TokenizerAPI(Protocol):
+    def ids(self, items: list[InferRequest], max_len: int) -> list[tuple[list[int], list[int] | None]]: ...
+    def pack(self, pending: list["Work"]) -> Any: ...
+    vocab_size: int
+
+
+@dataclass
+class WorkerConfig:
+    worker_id: str
+    bootstrap: str
+    requests_topic: str
+    replies_topic: str
+    dlq_topic: str
+    group_id: str
+    partitions: list[int]
+    max_seq_len: int = 512
+    truncate: bool = False
+    policy: BatchPolicy = field(default_factory=BatchPolicy)
+    inflight_batches: int = 2
+    high_water: int = 2000
+    low_water: int = 500
+    commit_interval_ms: int = 200
+    version_poll_s: float = 5.0
+    shutdown_timeout_s: float = 30.0
+
+
+@dataclass
+class Work:
+    """A consumed record on its way to a reply."""
+
+    partition: int
+    offset: int
+    received: float  # time.monotonic()
+    request: InferRequest | None = None
+    token_ids: list[int] | None = None
+    token_type_ids: list[int] | None = None
+    sends_left: int = 0
+    status: str = ""
+
+
+class Worker:
+    def __init__(self, cfg: WorkerConfig, engine: EngineAPI, tokenizer: TokenizerAPI,
+                 metrics: WorkerMetrics | None = None,
+                 active_versions: Callable[[], dict[str, int | None]] | None = None):
+        self.cfg = cfg
+        self.engine = engine
+        self.tok = tokenizer
+        self.metrics = metrics or WorkerMetrics()
+        self.active_versions = active_versions
+        self.batcher = CoordinatedBatcher(cfg.policy)
+        self.tracker = OffsetTracker()
+        self.stopping = asyncio.Event()
+        self.ready = False
+        self._wake = asyncio.Event()
+        self._inflight = asyncio.Semaphore(cfg.inflight_batches)
+        self._tasks: set[asyncio.Task] = set()
+        self._paused: set[int] = set()
+        self._topic_ok: dict[str, tuple[bool, float]] = {}
+        self._cpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flock-tokenize")
+        self._versions: dict[str, int | None] = {}
+        self.consumer: AIOKafkaConsumer | None = None
+        self.producer: AIOKafkaProducer | None = None
+
+    # ------------------------------------------------------------ lifecycle
+    async def run(self) -> None:
+        cfg = self.cfg
+        self.producer = AIOKafkaProducer(bootstrap_servers=cfg.bootstrap, enable_idempotence=True, acks="all",
+                                         linger_ms=2, max_request_size=4 << 20, request_timeout_ms=30000,
+                                         client_id=f"flock-worker-{cfg.worker_id}")
+        self.consumer = AIOKafkaConsumer(bootstrap_servers=cfg.bootstrap, group_id=cfg.group_id,
+                                         enable_auto_commit=False, auto_offset_reset="earliest",
+                                         max_partition_fetch_bytes=2 << 20, isolation_level="read_uncommitted",
+                                         client_id=f"flock-worker-{cfg.worker_id}")
+        await self.producer.start()
+        await self.consumer.start()
+        tps = [TopicPartition(cfg.requests_topic, p) for p in cfg.partitions]
+        self.consumer.assign(tps)  # manual assignment: ownership comes from config/manager leases
+        log.info("worker %s consuming %s partitions %s", cfg.worker_id, cfg.requests_topic, cfg.partitions)
+        self.ready = True
+        loops = [self._intake_loop(), self._batch_loop(), self._commit_loop(), self._lag_loop()]
+        if self.active_versions is not None:
+            loops.append(self._version_loop())
+        runners = [asyncio.create_task(c) for c in loops]
+        try:
+            await self.stopping.wait()
+        finally:
+            self.ready = False
+            await self._shutdown(runners)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self._wake.set()
+
+    async def _shutdown(self, runners: list[asyncio.Task]) -> None:
+        """Stop fetching, finish what was accepted, flush replies, commit, close."""
+        deadline = time.monotonic() + self.cfg.shutdown_timeout_s
+        try:
+            async with asyncio.timeout(self.cfg.shutdown_timeout_s):
+                while len(self.batcher) or self._tasks:
+                    self._wake.set()
+                    await asyncio.sleep(0.02)
+                await self.producer.flush()
+                while self.tracker.pending() and time.monotonic() < deadline:
+                    await asyncio.sleep(0.02)
+                await self._commit()
+        except TimeoutError:
+            log.warning("shutdown bound of %.0fs reached with %d requests unreplied; they will be replayed",
+                        self.cfg.shutdown_timeout_s, self.tracker.pending())
+        for t in runners:
+            t.cancel()
+        await asyncio.gather(*runners, return_exceptions=True)
+        await self.consumer.stop()
+        await self.producer.stop()
+        self._cpu.shutdown(wait=False)
+        log.info("worker %s stopped", self.cfg.worker_id)
+
+    # ------------------------------------------------------------ intake
+    async def _intake_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while not self.stopping.is_set():
+            records = await self.consumer.getmany(timeout_ms=50, max_records=1000)
+            if self.stopping.is_set():
+                # Consumed but not accepted: leave them for the next owner (not tracked, not committed).
+                break
+            good: list[Work] = []
+            for tp, recs in records.items():
+                for rec in recs:
+                    w = Work(tp.partition, rec.offset, time.monotonic())
+                    self.tracker.track(w.partition, w.offset)
+                    try:
+                        w.request = InferRequest.decode(rec.value)
+                    except WireError as exc:
+                        await self._reject(w, exc, rec)
+                        continue
+                    good.append(w)
+            if good:
+                ids = await loop.run_in_executor(self._cpu, self.tok.ids, [w.request for w in good],
+                                                 self.cfg.max_seq_len)
+                now_ms = time.time() * 1000
+                for w, (tid, tt) in zip(good, ids):
+                    w.token_ids, w.token_type_ids = tid, tt
+                    await self._admit(w, now_ms)
+            self._backpressure()
+            self.metrics.queue_depth.set(len(self.batcher))
+            self.metrics.inflight.set(self.tracker.pending())
+            if good:
+                self._wake.set()
+
+    async def _admit(self, w: Work, now_ms: float) -> None:
+        req = w.request
+        if not w.token_ids:
+            await self._error(w, ErrorCode.INVALID_INPUT, "empty token_ids")
+        elif len(w.token_ids) > self.cfg.max_seq_len:
+            await self._error(w, ErrorCode.INPUT_TOO_LARGE,
+                              f"input has more than {self.cfg.max_seq_len} tokens (set FLOCK_TRUNCATE=1 to truncate)")
+        elif req.token_ids is not None and req.token_ids and max(req.token_ids) >= self.tok.vocab_size:
+            await self._error(w, ErrorCode.INVALID_INPUT, f"token id outside the vocabulary of {self.tok.vocab_size}")
+        elif req.deadline_ms is not None and req.deadline_ms <= now_ms:
+            await self._error(w, ErrorCode.EXPIRED, "deadline passed before compute")
+        else:
+            self.batcher.add(Pending(req.tenant_id, len(w.token_ids), now_ms, req.deadline_ms, payload=w))
+
+    async def _reject(self, w: Work, exc: WireError, rec: Any) -> None:
+        """Undecodable input: DLQ record with the original bytes; a typed reply too when the
+        reply address could be read."""
+        source = f"{self.cfg.requests_topic}/{w.partition}/{w.offset}"
+        sends = []
+        if exc.code is ErrorCode.MALFORMED or exc.request_id is None or exc.tenant_id is None:
+            sends.append((self.cfg.dlq_topic, rec.value, rec.key, dlq_headers(rec.headers, f"{exc.code.value}: {exc}", source)))
+            self.metrics.dlq.labels(exc.code.value).inc()
+        if exc.request_id is not None and exc.tenant_id is not None:
+            reply = InferReply.error(exc.code, exc.message, request_id=exc.request_id, tenant_id=exc.tenant_id,
+                                     worker_id=self.cfg.worker_id)
+            topic = exc.reply_to or self.cfg.replies_topic
+            sends.append((topic, reply.encode(), exc.tenant_id.encode(), reply.headers()))
+        w.status = exc.code.value
+        await self._send_all(w, sends)
+
+    async def _error(self, w: Work, code: ErrorCode, message: str) -> None:
+        req = w.request
+        reply = InferReply.error(code, message, request_id=req.request_id, tenant_id=req.tenant_id,
+                                 worker_id=self.cfg.worker_id)
+        w.status = code.value
+        await self._send_reply(w, reply)
+
+    def _backpressure(self) -> None:
+        for p in self.cfg.partitions:
+            n = self.tracker.pending(p)
+            tp = TopicPartition(self.cfg.requests_topic, p)
+            if p not in self._paused and n >= self.cfg.high_water:
+                self.consumer.pause(tp)
+                self._paused.add(p)
+            elif p in self._paused and n <= self.cfg.low_water:
+                self.consumer.resume(tp)
+                self._paused.discard(p)
+        self.metrics.paused.set(len(self._paused))
+
+    # ------------------------------------------------------------ batching + engine
+    async def _batch_loop(self) -> None:
+        while True:
+            now_ms = time.time() * 1000
+            draining = self.stopping.is_set()
+            if not (self.batcher.ready(now_ms) or (draining and len(self.batcher))):
+                self._wake.clear()
+                wait = self.batcher.wait_ms(now_ms)
+                try:
+                    await asyncio.wait_for(self._wake.wait(), None if wait == float("inf") else wait / 1000)
+                except TimeoutError:
+                    pass
+                continue
+            await self._inflight.acquire()
+            batch, expired = self.batcher.next_batch(time.time() * 1000)
+            for p in expired:
+                await self._error(p.payload, ErrorCode.EXPIRED, "deadline passed before compute")
+            if not batch:
+                self._inflight.release()
+                continue
+            works = [p.payload for p in batch]
+            try:
+                future = self.engine.submit(self.tok.pack(works))
+            except Exception as exc:  # a batch the engine refuses fails its own requests only
+                self._inflight.release()
+                for w in works:
+                    await self._error(w, ErrorCode.INTERNAL, f"engine refused batch: {exc}")
+                continue
+            self.metrics.batch_seqs.observe(len(works))
+            self.metrics.batch_tokens.observe(sum(len(w.token_ids) for w in works))
+            self.metrics.batch_tenants.observe(len({w.request.tenant_id for w in works}))
+            upcoming = self.batcher.upcoming_tenants()
+            if upcoming:
+                self.engine.prefetch(upcoming)
+            self._spawn(self._complete(works, future, time.monotonic()))
+
+    async def _complete(self, works: list[Work], future: Any, t_submit: float) -> None:
+        try:
+            outputs = await asyncio.wrap_future(future)
+        except Exception as exc:
+            log.exception("engine batch failed")
+            outputs = None
+            err = exc
+        finally:
+            self._inflight.release()
+        t_done = time.monotonic()
+        self.metrics.engine_seconds.observe(t_done - t_submit)
+        for i, w in enumerate(works):
+            req = w.request
+            if outputs is None:
+                await self._error(w, ErrorCode.INTERNAL, f"engine failed: {err}")
+                continue
+            out = outputs[i]
+            timings = {"queue_ms": round((t_submit - w.received) * 1e3, 3),
+                       "compute_ms": round((t_done - t_submit) * 1e3, 3),
+                       "total_ms": round((t_done - w.received) * 1e3, 3)}
+            reply = reply_for_output(out, request_id=req.request_id, tenant_id=req.tenant_id,
+                                     worker_id=self.cfg.worker_id, timings=timings)
+            self.metrics.adapter_lookups.labels("error" if out.error else "ok").inc()
+            w.status = reply.status.value
+            await self._send_reply(w, reply)
+
+    # ------------------------------------------------------------ sending + acks
+    async def _reply_topic_ok(self, topic: str) -> bool:
+        """Does the reply topic exist? Cached; a missing topic is asked about again after 30 s."""
+        cached = self._topic_ok.get(topic)
+        if cached and (cached[0] or time.monotonic() - cached[1] < 30):
+            return cached[0]
+        try:
+            parts = await asyncio.wait_for(self.producer.partitions_for(topic), 3)
+            ok = bool(parts)
+        except (asyncio.TimeoutError, KafkaError):
+            ok = False
+        self._topic_ok[topic] = (ok, time.monotonic())
+        return ok
+
+    async def _send_reply(self, w: Work, reply: InferReply) -> None:
+        topic = w.request.reply_to or self.cfg.replies_topic
+        if not await self._reply_topic_ok(topic):
+            # The reply cannot be delivered where asked: keep it in the DLQ rather than stall.
+            source = f"{self.cfg.requests_topic}/{w.partition}/{w.offset}"
+            self.metrics.dlq.labels("reply_topic_missing").inc()
+            await self._send_all(w, [(self.cfg.dlq_topic, reply.encode(), reply.tenant_id.encode(),
+                                      dlq_headers(reply.headers(), f"reply topic {topic!r} does not exist", source))])
+            return
+        await self._send_all(w, [(topic, reply.encode(), reply.tenant_id.encode(), reply.headers())])
+
+    async def _send_all(self, w: Work, sends: list[tuple[str, bytes, bytes | None, list]]) -> None:
+        w.sends_left = len(sends)
+        for topic, value, key, headers in sends:
+            fut = await self.producer.send(topic, value=value, key=key, headers=headers)
+            fut.add_done_callback(lambda f, w=w: self._acked(w, f))
+
+    def _acked(self, w: Work, fut: asyncio.Future) -> None:
+        if fut.cancelled() or fut.exception() is not None:
+            # Not acked: the offset stays outstanding, so it is never committed and is replayed.
+            log.error("send for %s/%d failed: %s", self.cfg.requests_topic, w.offset,
+                      "cancelled" if fut.cancelled() else fut.exception())
+            return
+        w.sends_left -= 1
+        if w.sends_left == 0:
+            self.tracker.done(w.partition, w.offset)
+            tenant = w.request.tenant_id if w.request else "_undecodable"
+            self.metrics.latency.labels(tenant).observe(time.monotonic() - w.received)
+            self.metrics.replies.labels(w.status or "ok").inc()
+
+    # ------------------------------------------------------------ commits, lag, versions
+    async def _commit(self) -> None:
+        offsets = self.tracker.to_commit()
+        if not offsets:
+            return
+        try:
+            await self.consumer.commit({TopicPartition(self.cfg.requests_topic, p): OffsetAndMetadata(o, "")
+                                        for p, o in offsets.items()})
+            self.tracker.mark_committed(offsets)
+            self.metrics.commits.inc()
+        except KafkaError as exc:
+            self.metrics.commit_errors.inc()
+            log.warning("offset commit failed (will retry): %s", exc)
+
+    async def _commit_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.commit_interval_ms / 1000)
+            await self._commit()
+
+    async def _lag_loop(self) -> None:
+        while True:
+            await asyncio.sleep(2)
+            for p in self.cfg.partitions:
+                tp = TopicPartition(self.cfg.requests_topic, p)
+                hw = self.consumer.highwater(tp)
+                if hw is None:
+                    continue
+                try:
+                    pos = await self.consumer.position(tp)
+                except KafkaError:
+                    continue
+                self.metrics.lag.labels(str(p)).set(max(0, hw - pos))
+
+    async def _version_loop(self) -> None:
+        """Drop residents whose tenant switched to another adapter version (or was deleted)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                current = await loop.run_in_executor(None, self.active_versions)
+            except Exception as exc:  # database away: keep serving what is resident
+                log.warning("adapter version poll failed: %s", exc)
+            else:
+                for tenant, version in current.items():
+                    if tenant in self._versions and self._versions[tenant] != version:
+                        self.engine.invalidate(tenant)
+                for tenant in set(self._versions) - set(current):
+                    self.engine.invalidate(tenant)
+                self._versions = current
+            await asyncio.sleep(self.cfg.version_poll_s)
+
+    def _spawn(self, coro) -> None:
+        t = asyncio.create_task(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)

@@ -16,6 +16,8 @@ class WorkerMetrics:
                                       buckets=(64, 256, 1024, 4096, 8192, 16384, 32768, 65536))
         self.batch_tenants = Histogram("flock_batch_tenants", "Distinct tenants per engine batch", registry=r,
                                        buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+        self.inflight_peak = Gauge("flock_inflight_requests_peak", "Most unreplied requests held at once",
+                                   registry=r)
         self.queue_depth = Gauge("flock_queue_depth", "Requests waiting in the batcher", registry=r)
         self.inflight = Gauge("flock_inflight_requests", "Consumed requests without an acked reply", registry=r)
         self.latency = Histogram("flock_request_latency_seconds", "Consume-to-reply-ack latency per tenant",

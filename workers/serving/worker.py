@@ -92,6 +92,7 @@ class Worker:
         self._inflight = asyncio.Semaphore(cfg.inflight_batches)
         self._tasks: set[asyncio.Task] = set()
         self._paused: set[int] = set()
+        self._peak = 0
         self._topic_ok: dict[str, tuple[bool, float]] = {}
         self._cpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flock-tokenize")
         self._versions: dict[str, int | None] = {}
@@ -155,7 +156,8 @@ class Worker:
     async def _intake_loop(self) -> None:
         loop = asyncio.get_running_loop()
         while not self.stopping.is_set():
-            records = await self.consumer.getmany(timeout_ms=50, max_records=1000)
+            # One fetch never takes more than a partition's high-water mark: that bounds memory.
+            records = await self.consumer.getmany(timeout_ms=50, max_records=min(1000, self.cfg.high_water))
             if self.stopping.is_set():
                 # Consumed but not accepted: leave them for the next owner (not tracked, not committed).
                 break
@@ -179,7 +181,10 @@ class Worker:
                     await self._admit(w, now_ms)
             self._backpressure()
             self.metrics.queue_depth.set(len(self.batcher))
-            self.metrics.inflight.set(self.tracker.pending())
+            pending = self.tracker.pending()
+            self.metrics.inflight.set(pending)
+            self._peak = max(self._peak, pending)
+            self.metrics.inflight_peak.set(self._peak)
             if good:
                 self._wake.set()
 

@@ -1,0 +1,186 @@
+"""The data plane on the real services, with `flockserve worker` as a real process."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+
+import msgpack
+import pytest
+
+from schema.messages import ErrorCode, Headers, InferRequest, header_map, now_ms
+from tests.serving_harness import (WorkerProcess, collect, interleaved, make_tenants, make_topics, produce)
+
+TEXTS = ["the central bank held rates steady", "a late goal won the final",
+         "new phone launches with a faster chip and a brighter screen than last year's model",
+         "budget cuts", "film festival opens tonight with a premiere of a long awaited drama " * 3]
+
+
+@pytest.fixture(scope="module")
+def tag():
+    return f"w{int(time.time() * 1000) % 10**8}"
+
+
+@pytest.fixture(scope="module")
+def tenants(sessions, tag):
+    return make_tenants(sessions, tag, 12)
+
+
+@pytest.fixture(scope="module")
+def topics(kafka_bootstrap, tag):
+    return asyncio.run(make_topics(kafka_bootstrap, tag, partitions=3))
+
+
+@pytest.fixture(scope="module")
+def worker(database_url, topics, tag, tenants):
+    w = WorkerProcess(database_url, topics, tag).start()
+    yield w
+    assert w.terminate() == 0, w.log_tail()
+
+
+def _by_id(replies):
+    out = {}
+    for r in replies:
+        out.setdefault(r.request_id, []).append(r)
+    return out
+
+
+def test_mixed_tenant_round_trip_equals_engine(kafka_bootstrap, database_url, sessions, topics, worker, tenants):
+    reqs = [InferRequest(tenant_id=tenants[i % len(tenants)], text=TEXTS[i % len(TEXTS)]) for i in range(60)]
+    reqs.append(InferRequest(tenant_id=tenants[0], text="first", text_pair="second segment"))
+    asyncio.run(produce(kafka_bootstrap, topics.requests, reqs))
+    want = {r.request_id for r in reqs}
+    replies = _by_id(asyncio.run(collect(kafka_bootstrap, topics.replies, lambda rs: want <= {r.request_id for r in rs})))
+    assert want <= set(replies), worker.log_tail()
+
+    # The engine's direct answers for the same inputs, computed here in-process.
+    from workers.adapters.store import AdapterStore, make_backend
+    from workers.engine.batch import RequestItem
+    from workers.engine.runtime import Engine
+    from workers.engine.tokenize import BatchTokenizer
+    from workers.models import resolve_model_dir
+    from workers.serving.adapter_source import StoreLoader
+
+    model_dir = str(resolve_model_dir("sentence-transformers/all-MiniLM-L6-v2"))
+    store = AdapterStore(sessions, make_backend("postgres", None))
+    engine = Engine(model_dir, StoreLoader(store, "sentence-transformers/all-MiniLM-L6-v2"), device="cpu")
+    try:
+        direct = engine.run(BatchTokenizer(model_dir).pack(
+            [RequestItem(r.tenant_id, text=r.text, text_pair=r.text_pair, request_id=r.request_id) for r in reqs]))
+    finally:
+        engine.close()
+    for req, d in zip(reqs, direct):
+        got = replies[req.request_id][0]
+        assert got.status is ErrorCode.OK and got.tenant_id == req.tenant_id
+        assert got.outputs["label"] == d.label
+        assert got.outputs["scores"] == pytest.approx(d.scores, rel=1e-4, abs=1e-5)
+        assert got.adapter_version == 1 and got.worker_id == worker.env["FLOCK_WORKER_ID"]
+    assert len({len(r[0].outputs["scores"]) for r in replies.values()}) > 1, "label counts should differ"
+
+
+def test_poison_goes_to_dlq_while_good_messages_continue(kafka_bootstrap, topics, worker, tenants):
+    good = [InferRequest(tenant_id=tenants[i % 3], text=f"good {i}") for i in range(30)]
+    salvageable = InferRequest(tenant_id=tenants[0], text="x").to_wire()
+    salvageable["input"] = {"token_ids": "not a list"}
+    poison = [b"\xc1\xc1garbage", b"", msgpack.packb([1, 2, 3]), msgpack.packb({"schema_version": 1}),
+              msgpack.packb(salvageable)]
+    items = []
+    for i, g in enumerate(good):
+        items.append(g)
+        if i % 6 == 0 and poison:
+            items.append(poison.pop(0))
+    unknown = InferRequest(tenant_id="no-such-tenant", text="who am i")
+    oversize = InferRequest(tenant_id=tenants[1], text="word " * 2000)
+    bad_ids = InferRequest(tenant_id=tenants[2], token_ids=[101, 10**9, 102])
+    items += [unknown, oversize, bad_ids]
+    asyncio.run(interleaved(kafka_bootstrap, topics.requests, items))
+
+    want = {g.request_id for g in good} | {unknown.request_id, oversize.request_id, bad_ids.request_id,
+                                            salvageable["request_id"]}
+    replies = _by_id(asyncio.run(collect(kafka_bootstrap, topics.replies,
+                                         lambda rs: want <= {r.request_id for r in rs})))
+    assert want <= set(replies), worker.log_tail()
+    assert all(replies[g.request_id][0].status is ErrorCode.OK for g in good)
+    assert replies[unknown.request_id][0].status is ErrorCode.UNKNOWN_TENANT
+    assert replies[oversize.request_id][0].status is ErrorCode.INPUT_TOO_LARGE
+    assert replies[bad_ids.request_id][0].status is ErrorCode.INVALID_INPUT
+    assert replies[salvageable["request_id"]][0].status is ErrorCode.MALFORMED
+
+    dlq = asyncio.run(collect(kafka_bootstrap, topics.dlq, lambda rs: len(rs) >= 5, decode=False))
+    assert len(dlq) == 5
+    originals = {b"\xc1\xc1garbage", b"", msgpack.packb([1, 2, 3]), msgpack.packb({"schema_version": 1}),
+                 msgpack.packb(salvageable)}
+    assert {r.value or b"" for r in dlq} == originals  # the original bytes, untouched
+    for r in dlq:
+        h = header_map(r.headers)
+        assert h[Headers.ERROR].startswith("malformed") and h[Headers.SOURCE].startswith(topics.requests + "/")
+
+
+def test_deadline_expiry_replies_expired_without_compute(kafka_bootstrap, topics, worker, tenants):
+    past = [InferRequest(tenant_id=tenants[3], text="too late", deadline_ms=now_ms() - 1000) for _ in range(5)]
+    fresh = InferRequest(tenant_id=tenants[3], text="in time", deadline_ms=now_ms() + 60_000)
+    asyncio.run(produce(kafka_bootstrap, topics.requests, past + [fresh]))
+    want = {r.request_id for r in past} | {fresh.request_id}
+    replies = _by_id(asyncio.run(collect(kafka_bootstrap, topics.replies, lambda rs: want <= {r.request_id for r in rs})))
+    assert all(replies[r.request_id][0].status is ErrorCode.EXPIRED for r in past)
+    assert all(replies[r.request_id][0].outputs is None for r in past)
+    assert replies[fresh.request_id][0].status is ErrorCode.OK
+
+
+def test_metrics_and_health_endpoints(worker):
+    assert worker.get("/livez")[0] == 200 and worker.get("/readyz")[0] == 200
+    assert worker.metric("flock_commits_total") > 0
+    assert worker.metric("flock_batch_sequences_count") > 0
+    assert worker.get("/nope")[0] == 404
+
+
+def test_kill9_mid_stream_then_restart_loses_nothing(kafka_bootstrap, database_url, sessions, tenants, tag):
+    topics = asyncio.run(make_topics(kafka_bootstrap, tag + "k", partitions=3))
+    reqs = [InferRequest(tenant_id=tenants[i % len(tenants)], text=TEXTS[i % len(TEXTS)]) for i in range(400)]
+    w = WorkerProcess(database_url, topics, tag + "k", FLOCK_BATCH_MAX_SEQS="16").start()
+    asyncio.run(produce(kafka_bootstrap, topics.requests, reqs))
+    # Let it answer part of the stream, then kill it without warning.
+    partial = asyncio.run(collect(kafka_bootstrap, topics.replies, lambda rs: len(rs) >= 60, timeout=120))
+    w.kill9()
+    assert 60 <= len(partial) < len(reqs), "the kill should land mid-stream"
+    w2 = WorkerProcess(database_url, topics, tag + "k", FLOCK_BATCH_MAX_SEQS="64").start()
+    try:
+        want = {r.request_id for r in reqs}
+        replies = asyncio.run(collect(kafka_bootstrap, topics.replies,
+                                      lambda rs: want <= {r.request_id for r in rs}, timeout=240))
+    finally:
+        assert w2.terminate() == 0
+    dlq = asyncio.run(collect(kafka_bootstrap, topics.dlq, lambda rs: True, timeout=2, decode=False))
+    got = {r.request_id for r in replies}
+    lost = want - got
+    assert not lost, f"{len(lost)} requests lost across kill -9"
+    counts = Counter(r.request_id for r in replies)
+    duplicates = sum(c - 1 for c in counts.values())
+    print(f"kill -9: {len(reqs)} requests, {len(replies)} replies, {duplicates} duplicates, {len(dlq)} DLQ")
+    assert all(r.status is ErrorCode.OK for r in replies)
+    assert duplicates < len(reqs)  # duplicates are bounded by what was in flight at the kill
+
+
+def test_backpressure_bounds_unreplied_requests(kafka_bootstrap, database_url, tenants, tag):
+    topics = asyncio.run(make_topics(kafka_bootstrap, tag + "b", partitions=1))
+    high, low = 40, 10
+    w = WorkerProcess(database_url, topics, tag + "b", FLOCK_PARTITION_HIGH_WATER=str(high),
+                      FLOCK_PARTITION_LOW_WATER=str(low), FLOCK_BATCH_MAX_SEQS="8",
+                      FLOCK_BATCH_MAX_WAIT_MS="1").start()
+    try:
+        flood = [InferRequest(tenant_id=tenants[i % 4], text=TEXTS[4]) for i in range(400)]
+        asyncio.run(produce(kafka_bootstrap, topics.requests, flood))
+        paused_seen = False
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            paused_seen |= (w.metric("flock_paused_partitions") or 0) > 0
+            if (w.metric('flock_replies_total{status="ok"}') or 0) >= len(flood):
+                break
+            time.sleep(0.2)
+        peak = w.metric("flock_inflight_requests_peak")
+        assert (w.metric('flock_replies_total{status="ok"}') or 0) >= len(flood), w.log_tail()
+        assert paused_seen, "the flood never paused the partition"
+        assert peak is not None and peak <= 2 * high, f"{peak} unreplied requests held (high water {high})"
+    finally:
+        assert w.terminate() == 0

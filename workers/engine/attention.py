@@ -15,12 +15,11 @@ try:  # torch >= 2.9
 except ImportError:  # pragma: no cover - older torch on the GPU box
     _varlen_attn = None
 
-_varlen_ok = True
+_mode: str | None = None  # which CUDA varlen path works here, decided on first use
 
 
 def packed_attention(qkv: torch.Tensor, plan, heads: int) -> torch.Tensor:
     """qkv: [T, 3h] (q | k | v). Returns the context [T, h]."""
-    global _varlen_ok
     T, h3 = qkv.shape
     h = h3 // 3
     d = h // heads
@@ -30,12 +29,35 @@ def packed_attention(qkv: torch.Tensor, plan, heads: int) -> torch.Tensor:
         if B * L == T:  # all sequences equally long: a plain dense batch
             qb, kb, vb = (t.view(B, L, heads, d).transpose(1, 2) for t in (q, k, v))
             return F.scaled_dot_product_attention(qb, kb, vb).transpose(1, 2).reshape(T, h)
-        if _varlen_ok and _varlen_attn is not None and qkv.dtype in (torch.float16, torch.bfloat16):
-            try:
-                return _varlen_attn(q, k, v, plan.cu_seqlens, plan.cu_seqlens, L, L).reshape(T, h)
-            except (RuntimeError, TypeError, NotImplementedError):
-                _varlen_ok = False  # this build/GPU lacks it: use the padded path from now on
+        if qkv.dtype in (torch.float16, torch.bfloat16) and _mode != "padded":
+            out = _cuda_varlen(q, k, v, plan.cu_seqlens, L)
+            if out is not None:
+                return out.reshape(T, h)
     return _padded_attention(q, k, v, plan, heads, d)
+
+
+def _cuda_varlen(q, k, v, cu, L):
+    """Try the flash varlen paths once each (strided views, then contiguous copies); remember the winner."""
+    global _mode
+    tries = []
+    if _varlen_attn is not None:
+        tries += [("varlen", False), ("varlen", True)]
+    tries += [("aten", False), ("aten", True)]
+    if _mode is not None:
+        tries = [t for t in tries if f"{t[0]}:{t[1]}" == _mode]
+    for name, contig in tries:
+        qq, kk, vv = (t.contiguous() for t in (q, k, v)) if contig else (q, k, v)
+        try:
+            if name == "varlen":
+                out = _varlen_attn(qq, kk, vv, cu, cu, L, L)
+            else:
+                out = torch.ops.aten._flash_attention_forward(qq, kk, vv, cu, cu, L, L, 0.0, False, False)[0]
+            _mode = f"{name}:{contig}"
+            return out
+        except (RuntimeError, TypeError, NotImplementedError, AttributeError):
+            continue
+    _mode = "padded"  # no flash varlen on this build/GPU: padded SDPA from now on
+    return None
 
 
 def _padded_attention(q, k, v, plan, heads, d):

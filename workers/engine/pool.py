@@ -231,6 +231,7 @@ class AdapterPool:
                 res.events = events
 
     # ---- public API ------------------------------------------------------------------------
+    @torch.inference_mode()  # slot tensors are created and updated only in inference mode
     def acquire(self, tenant_ids) -> dict[str, Resident | EngineError]:
         """Make tenants resident and pin them. Per-tenant errors are returned, not raised."""
         out: dict[str, Resident | EngineError] = {}

@@ -1,0 +1,136 @@
+"""SGMV-style segmented shrink / expand in Triton (LoRA and bottleneck adapters).
+
+Tokens of a PET group are sorted by slot; the host cuts each same-slot segment into tiles of at
+most TILE_M tokens (plan.TILE_M) and ships (start, end, slot) per tile. One program handles one
+tile (x one output block), loads that slot's weights once and runs tensor-core dots: one launch
+per (group, site group) whatever the number of tenants, no per-token weight gathers, no padding
+of ranks beyond the bank's bucket.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from workers.engine.plan import TILE_M
+
+ACT_CODES = {"none": 0, "relu": 1, "gelu": 2, "tanh": 3}
+_cols_cache: dict = {}
+
+
+@triton.jit
+def _act(x, ACT: tl.constexpr):
+    if ACT == 1:
+        x = tl.maximum(x, 0.0)
+    elif ACT == 2:
+        x = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+    elif ACT == 3:
+        x = 2.0 * tl.sigmoid(2.0 * x) - 1.0
+    return x
+
+
+@triton.jit
+def _shrink_kernel(x_ptr, w_ptr, b_ptr, out_ptr, tiles_ptr, n_tiles,
+                   stride_xm, stride_ws, stride_wr, stride_bs, stride_om, K, R,
+                   HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    start = tl.load(tiles_ptr + pid)
+    end = tl.load(tiles_ptr + n_tiles + pid)
+    slot = tl.load(tiles_ptr + 2 * n_tiles + pid)
+    rows = start + tl.arange(0, BLOCK_M)
+    rmask = rows < end
+    rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    rrmask = rr < R
+    w_base = w_ptr + slot * stride_ws
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        kmask = kk < K
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        w = tl.load(w_base + rr[:, None] * stride_wr + kk[None, :], mask=rrmask[:, None] & kmask[None, :], other=0.0)
+        acc += tl.dot(x, tl.trans(w))
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + slot * stride_bs + rr, mask=rrmask, other=0.0).to(tl.float32)[None, :]
+    acc = _act(acc, ACT)
+    tl.store(out_ptr + rows[:, None] * stride_om + rr[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=rmask[:, None] & rrmask[None, :])
+
+
+@triton.jit
+def _expand_kernel(xa_ptr, w_ptr, b_ptr, y_ptr, cols_ptr, tiles_ptr, n_tiles,
+                   stride_xm, stride_ws, stride_wm, stride_wn, stride_bs, stride_bm, stride_ym,
+                   N, RB, n_blocks_n,
+                   HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    pid = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    member = pid_n // n_blocks_n
+    nb = pid_n % n_blocks_n
+    start = tl.load(tiles_ptr + pid)
+    end = tl.load(tiles_ptr + n_tiles + pid)
+    slot = tl.load(tiles_ptr + 2 * n_tiles + pid)
+    rows = start + tl.arange(0, BLOCK_M)
+    rmask = rows < end
+    nn = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = nn < N
+    w_base = w_ptr + slot * stride_ws + member * stride_wm
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, RB, BLOCK_R):
+        rr = r0 + tl.arange(0, BLOCK_R)
+        rmr = rr < RB
+        xa = tl.load(xa_ptr + rows[:, None] * stride_xm + (member * RB + rr)[None, :],
+                     mask=rmask[:, None] & rmr[None, :], other=0.0)
+        w = tl.load(w_base + nn[:, None] * stride_wn + rr[None, :], mask=nmask[:, None] & rmr[None, :], other=0.0)
+        acc += tl.dot(xa, tl.trans(w))
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + slot * stride_bs + member * stride_bm + nn, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    col0 = tl.load(cols_ptr + member)
+    m = rmask[:, None] & nmask[None, :]
+    yp = y_ptr + rows[:, None] * stride_ym + (col0 + nn)[None, :]
+    y = tl.load(yp, mask=m, other=0.0)
+    tl.store(yp, (y.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=m)
+
+
+def _pow2(n: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(n)))
+
+
+def sgmv_shrink(x: torch.Tensor, A: torch.Tensor, tiles: torch.Tensor, n_tiles: int,
+                bias: torch.Tensor | None = None, act: str = "none") -> torch.Tensor:
+    """x [n_tok, K] (row-major rows), A [slots, R, K] (last dim contiguous) -> act(x A^T + b) [n_tok, R]."""
+    assert x.stride(-1) == 1 and A.stride(-1) == 1
+    n_tok, K = x.shape
+    R = A.shape[1]
+    out = torch.empty(n_tok, R, device=x.device, dtype=x.dtype)
+    if n_tiles == 0:
+        return out
+    br = _pow2(R, 16, 64)
+    b = bias if bias is not None else A
+    grid = (n_tiles, triton.cdiv(R, br))
+    _shrink_kernel[grid](x, A, b, out, tiles, n_tiles, x.stride(0), A.stride(0), A.stride(1),
+                         b.stride(0), out.stride(0), K, R, HAS_BIAS=bias is not None, ACT=ACT_CODES[act],
+                         BLOCK_M=TILE_M, BLOCK_R=br, BLOCK_K=64, num_warps=4)
+    return out
+
+
+def sgmv_expand_add(xa: torch.Tensor, B: torch.Tensor, tiles: torch.Tensor, n_tiles: int, y: torch.Tensor,
+                    cols: list[int], bias: torch.Tensor | None = None) -> None:
+    """y[:, cols[m] + j] += xa[:, m*RB:(m+1)*RB] @ B[slot, m]^T (+ bias[slot, m]); B [slots, M, N, RB]."""
+    assert xa.stride(-1) == 1 and B.stride(-1) == 1 and y.stride(-1) == 1
+    if n_tiles == 0:
+        return
+    members, N, RB = B.shape[1], B.shape[2], B.shape[3]
+    key = (tuple(cols), y.device)
+    cols_t = _cols_cache.get(key)
+    if cols_t is None:
+        cols_t = _cols_cache[key] = torch.tensor(cols, dtype=torch.int64, device=y.device)
+    bn = 128
+    nbn = triton.cdiv(N, bn)
+    b = bias if bias is not None else B
+    sbs, sbm = (bias.stride(0), bias.stride(1)) if bias is not None else (0, 0)
+    _expand_kernel[(n_tiles, members * nbn)](
+        xa, B, b, y, cols_t, tiles, n_tiles, xa.stride(0), B.stride(0), B.stride(1), B.stride(2), sbs, sbm,
+        y.stride(0), N, RB, nbn, HAS_BIAS=bias is not None, BLOCK_M=TILE_M, BLOCK_N=bn,
+        BLOCK_R=_pow2(RB, 16, 64), num_warps=4)

@@ -8,6 +8,7 @@ PEFT layout: ``adapter_config.json`` + ``adapter_model.safetensors`` (a pickled
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -20,7 +21,7 @@ import torch
 from workers.adapters.validate import AdapterRejected, parse_safetensors
 
 PEFT_CONFIG, PEFT_WEIGHTS, PEFT_PICKLE = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
-NATIVE_CONFIG, NATIVE_WEIGHTS = "flock_adapter.json", "adapter.safetensors"
+NATIVE_CONFIG, NATIVE_WEIGHTS = "flock_adapter.json", "adapter.safetensors"  # manifest may pin "sha256"
 
 # HF module path inside a layer -> Flock site. BERT/RoBERTa/MiniLM and DistilBERT names.
 _SITE_OF_MODULE = {
@@ -65,7 +66,7 @@ def _json(p: Path) -> dict[str, Any]:
     return obj
 
 
-def _weights(path: Path, name: str, max_bytes: int) -> dict[str, torch.Tensor]:
+def _weights(path: Path, name: str, max_bytes: int, sha256: str | None = None) -> dict[str, torch.Tensor]:
     f = path / name
     if not f.is_file():
         if (path / PEFT_PICKLE).exists():
@@ -74,15 +75,20 @@ def _weights(path: Path, name: str, max_bytes: int) -> dict[str, torch.Tensor]:
         raise AdapterRejected(f"{name} missing in {path}")
     if f.stat().st_size > max_bytes:
         raise AdapterRejected(f"{name} of {f.stat().st_size} bytes exceeds the limit of {max_bytes}")
-    return parse_safetensors(f.read_bytes(), max_bytes)
+    data = f.read_bytes()
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256.lower():
+        raise AdapterRejected(f"{name}: sha256 does not match the one its manifest declares")
+    return parse_safetensors(data, max_bytes)
 
 
 def _read_native(path: Path, max_bytes: int) -> ImportedAdapter:
     meta = _json(path / NATIVE_CONFIG)
-    pet_type, config = meta.get("pet_type"), meta.get("config")
+    pet_type, config, sha = meta.get("pet_type"), meta.get("config"), meta.get("sha256")
     if not isinstance(pet_type, str) or not isinstance(config, dict):
         raise AdapterRejected(f"{NATIVE_CONFIG} needs string 'pet_type' and object 'config'")
-    return ImportedAdapter(pet_type, config, _weights(path, NATIVE_WEIGHTS, max_bytes),
+    if sha is not None and not (isinstance(sha, str) and len(sha) == 64):
+        raise AdapterRejected(f"{NATIVE_CONFIG}: 'sha256' must be 64 hex characters")
+    return ImportedAdapter(pet_type, config, _weights(path, NATIVE_WEIGHTS, max_bytes, sha),
                            meta.get("base_model_id"))
 
 

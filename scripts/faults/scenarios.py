@@ -1,0 +1,242 @@
+"""Fault scenarios. Each runs load through a real cluster, breaks something mid-way, waits for
+every acknowledged request to be answered, and returns the checker's row."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from scripts.faults.cluster import Cluster, services
+from scripts.faults.history import History
+from scripts.faults.load import Collector, drive, wait_answered
+from scripts.faults.poison import poison
+
+
+@dataclass
+class Ctx:
+    database_url: str
+    bootstrap: str
+    short: bool
+    out: Path
+
+    def seconds(self, full: float, short: float) -> float:
+        return short if self.short else full
+
+
+async def _run_with_load(ctx: Ctx, cluster: Cluster, name: str, fault: Callable, *, rate: float, seconds: float,
+                         at: float, timeout_s: float = 120.0, extra=None, answer_timeout: float = 180) -> tuple[History, str]:
+    """Load for ``seconds``; ``fault(history)`` (a coroutine) starts at ``at`` seconds."""
+    h = History()
+    col = Collector(ctx.bootstrap, cluster.topics.replies, cluster.topics.dlq, h)
+    await col.start()
+    load = asyncio.create_task(drive(ctx.bootstrap, cluster.topics.requests, h, cluster.tenants, rate=rate,
+                                     seconds=seconds, timeout_s=timeout_s, extra=extra))
+    await asyncio.sleep(at)
+    start = time.monotonic()
+    notes = await fault(h) or ""
+    h.fault(name, start, time.monotonic())
+    await load
+    await wait_answered(h, answer_timeout)
+    await asyncio.sleep(1.0)  # let late duplicates arrive so that they are counted
+    await col.stop()
+    return h, notes
+
+
+def _row(name: str, h: History, notes: str = "", **extra) -> dict:
+    r = h.check()
+    r.update(scenario=name, notes=notes, **extra)
+    r["_history"] = h
+    return r
+
+
+def _cluster(ctx: Ctx, tag: str, **kw) -> Cluster:
+    return Cluster(ctx.database_url, ctx.bootstrap, tag, **kw).setup()
+
+
+# ---------------------------------------------------------------- worker crashes
+def worker_crash(ctx: Ctx, where: str) -> dict:
+    """kill -9 at a precise point: after consuming (before replying) or after replying (before
+    committing). The worker's own fault hook sends it SIGKILL there; a supervisor restarts it."""
+    env_key = {"consume": "FLOCK_FAULT_CRASH_AFTER_CONSUME", "commit": "FLOCK_FAULT_CRASH_BEFORE_COMMIT"}[where]
+    tag = f"f{where[:3]}{int(time.time()) % 10**6}"
+    cluster = _cluster(ctx, tag, workers=2)
+    try:
+        async def fault(h: History) -> str:
+            victim = cluster.replace_worker(0, **{env_key: "40"})  # crashes on its 40th record/reply
+            t = time.monotonic()
+            while victim.proc.poll() is None and time.monotonic() - t < 60:
+                await asyncio.sleep(0.1)
+            died = victim.proc.poll() == -9 or victim.proc.poll() == 137
+            await asyncio.to_thread(cluster.replace_worker, 0)  # supervisor restart
+            return f"crashed by SIGKILL: {died}"
+
+        h, notes = asyncio.run(_run_with_load(ctx, cluster, f"kill -9 between {'consume and reply' if where == 'consume' else 'reply and commit'}",
+                                              fault, rate=40, seconds=ctx.seconds(40, 18), at=3))
+    finally:
+        cluster.teardown()
+    return _row(f"worker kill -9 ({'consume→reply' if where == 'consume' else 'reply→commit'})", h, notes)
+
+
+# ---------------------------------------------------------------- infrastructure outages
+def kafka_restart(ctx: Ctx) -> dict:
+    cluster = _cluster(ctx, f"fkaf{int(time.time()) % 10**6}", workers=2)
+    try:
+        async def fault(h: History) -> str:
+            t = time.monotonic()
+            await asyncio.to_thread(services, "kafka-stop")
+            await asyncio.sleep(ctx.seconds(10, 3))
+            await asyncio.to_thread(services, "kafka-start")
+            return f"broker down {time.monotonic() - t:.1f}s, same log dir"
+
+        h, notes = asyncio.run(_run_with_load(ctx, cluster, "broker restart", fault, rate=30,
+                                              seconds=ctx.seconds(45, 20), at=4, answer_timeout=240))
+    finally:
+        cluster.teardown()
+    return _row("Kafka broker restart", h, notes)
+
+
+def postgres_outage(ctx: Ctx) -> dict:
+    cluster = _cluster(ctx, f"fpg{int(time.time()) % 10**6}", workers=2)
+    try:
+        async def fault(h: History) -> str:
+            await asyncio.to_thread(services, "pg-stop")
+            await asyncio.sleep(ctx.seconds(30, 6))
+            await asyncio.to_thread(services, "pg-start")
+            return f"PostgreSQL down {ctx.seconds(30, 6):.0f}s; resident tenants kept serving"
+
+        h, notes = asyncio.run(_run_with_load(ctx, cluster, "postgres down", fault, rate=30,
+                                              seconds=ctx.seconds(50, 20), at=4))
+    finally:
+        cluster.teardown()
+    return _row("PostgreSQL unavailable", h, notes)
+
+
+# ---------------------------------------------------------------- control plane
+def handover(ctx: Ctx) -> dict:
+    cluster = _cluster(ctx, f"fho{int(time.time()) % 10**6}", workers=3)
+    try:
+        async def fault(h: History) -> str:
+            import subprocess
+            import sys
+            env = cluster.managers[0].env
+            moved = 0
+            for _ in range(2):
+                p = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "workers.cli", "rebalance",
+                                                             "--apply", "--force", "--json"],
+                                            env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+                moved += p.stdout.count('"partition"')
+                await asyncio.sleep(ctx.seconds(8, 4))
+            return f"rebalance --apply issued twice ({moved} moves planned)"
+
+        h, notes = asyncio.run(_run_with_load(ctx, cluster, "hand-over", fault, rate=40,
+                                              seconds=ctx.seconds(45, 22), at=4))
+    finally:
+        cluster.teardown()
+    return _row("partition hand-over / rebalance under load", h, notes)
+
+
+def manager_failover(ctx: Ctx) -> dict:
+    cluster = _cluster(ctx, f"fmgr{int(time.time()) % 10**6}", workers=2, managers=2)
+    try:
+        async def fault(h: History) -> str:
+            leader = cluster.managers[0]  # started first: holds the leadership
+            leader.kill9()
+            # Prove the standby leads: a worker crash must still be taken over.
+            cluster.workers[1].kill9()
+            t = time.monotonic()
+            while time.monotonic() - t < 60:
+                owners = await asyncio.to_thread(cluster.leased)
+                if owners and all(w == cluster.workers[0].env["FLOCK_WORKER_ID"] for w in owners.values()) \
+                        and len(owners) == cluster.partitions:
+                    return f"standby took over; dead worker's partitions re-leased in {time.monotonic() - t:.1f}s"
+                await asyncio.sleep(0.5)
+            return "standby did NOT re-lease the dead worker's partitions within 60s"
+
+        h, notes = asyncio.run(_run_with_load(ctx, cluster, "manager kill -9", fault, rate=30,
+                                              seconds=ctx.seconds(40, 22), at=4))
+    finally:
+        cluster.teardown()
+    return _row("manager killed, standby takes over", h, notes)
+
+
+# ---------------------------------------------------------------- overload and bad input
+def flood(ctx: Ctx) -> dict:
+    high = 60
+    cluster = _cluster(ctx, f"fflood{int(time.time()) % 10**6}", workers=2, partitions=4,
+                       worker_env={"FLOCK_PARTITION_HIGH_WATER": str(high), "FLOCK_PARTITION_LOW_WATER": "20"})
+    try:
+        async def fault(h: History) -> str:
+            return "offered ~10x capacity with 4 s deadlines"
+
+        h, _ = asyncio.run(_run_with_load(ctx, cluster, "flood", fault, rate=ctx.seconds(600, 400),
+                                          seconds=ctx.seconds(20, 8), at=0.5, timeout_s=4.0, answer_timeout=240))
+        peaks = [w.metric("flock_inflight_requests_peak") or 0 for w in cluster.workers]
+        rss = [_rss_mb(w.proc.pid) for w in cluster.workers]
+    finally:
+        cluster.teardown()
+    bound = 2 * high * cluster.partitions
+    notes = (f"peak unreplied per worker {max(peaks):.0f} (bound {bound}); worker RSS {max(rss):.0f} MB; "
+             f"expired={h.check()['statuses'].get('expired', 0)}")
+    return _row("flood beyond capacity", h, notes, bounded=max(peaks) <= bound)
+
+
+def _rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def poison_inputs(ctx: Ctx) -> dict:
+    n_poison = 1000 if ctx.short else 10_000
+    cluster = _cluster(ctx, f"fpoi{int(time.time()) % 10**6}", workers=2)
+    rng = random.Random(7)
+    seconds = ctx.seconds(40, 15)
+    rate = 40.0
+    per_good = max(1, round(n_poison / (rate * seconds)))
+    try:
+        def extra(i: int):
+            return [poison(i * per_good + k, rng, cluster.tenants) for k in range(per_good)]
+
+        async def fault(h: History) -> str:
+            return f"{n_poison} fuzzed records interleaved"
+
+        h, notes = asyncio.run(_run_with_load(ctx, cluster, "poison", fault, rate=rate, seconds=seconds, at=0,
+                                              extra=extra))
+    finally:
+        cluster.teardown()
+    return _row("poison inputs", h, notes)
+
+
+def adapter_uploads(ctx: Ctx) -> dict:
+    from scripts.faults.adapter_attacks import run
+    r = run(ctx.database_url, f"attack-{int(time.time()) % 10**6}", Path(tempfile.mkdtemp()))
+    ok = r["rejected"] == r["attempts"] and r["rows_written"] == 0 and r["blobs_written"] == 0 \
+        and not r["code_executed"]
+    return {"scenario": "malicious/corrupt adapter uploads", "sent": r["attempts"], "acked": r["attempts"],
+            "replied": r["rejected"], "dlq": 0, "lost": 0 if ok else r["attempts"] - r["rejected"],
+            "duplicates": 0, "late": 0, "recovery_s": None, "p99_during_fault_ms": None,
+            "notes": f"{r['rejected']}/{r['attempts']} refused, rows written {r['rows_written']}, "
+                     f"blobs written {r['blobs_written']}, code executed {r['code_executed']}",
+            "outcomes": r["outcomes"]}
+
+
+SCENARIOS: dict[str, Callable[[Ctx], dict]] = {
+    "kill-consume": lambda c: worker_crash(c, "consume"),
+    "kill-commit": lambda c: worker_crash(c, "commit"),
+    "kafka-restart": kafka_restart,
+    "postgres-outage": postgres_outage,
+    "handover": handover,
+    "manager-failover": manager_failover,
+    "flood": flood,
+    "poison": poison_inputs,
+    "adapters": adapter_uploads,
+}

@@ -86,6 +86,7 @@ class RequestOutput:
     task: str | None = None
     label: str | None = None  # seq_cls: argmax label
     scores: list[float] | None = None  # seq_cls: softmax over the tenant's labels
+    labels: list[str] | None = None  # the tenant's label names, in the order of scores
     logits: list[float] | None = None
     token_labels: list[str] | None = None  # token_cls: argmax per token
     token_scores: list[list[float]] | None = None  # token_cls: softmax per token

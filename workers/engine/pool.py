@@ -108,6 +108,9 @@ class AdapterPool:
         hd = to_host(delta, self.dims, self.dtype, self._cuda, self.has_pooler)
         with self._lock:
             self.stats["loads"] += 1
+            old = self._host.pop(tid, None)  # a concurrent prefetch may have loaded it too
+            if old is not None:
+                self._host_bytes -= old.nbytes
             self._host[tid] = hd
             self._host_bytes += hd.nbytes
             while self._host_bytes > self.config.host_bytes and len(self._host) > 1:

@@ -235,6 +235,7 @@ class Engine:
                         p = probs[row, :n]
                         out.scores, out.logits = p.tolist(), logits[row, :n].tolist()
                         out.label = res.labels[int(p.argmax())]
+                        out.labels = list(res.labels)
                 else:
                     off = 0
                     for s, ln in zip(hg.tok_order, hg.tok_lens):

@@ -30,6 +30,17 @@ def _act(x, ACT: tl.constexpr):
     return x
 
 
+def _configs(names, grid):
+    import itertools
+    out = []
+    for vals in itertools.product(*grid):
+        *blocks, warps, stages = vals
+        out.append(triton.Config(dict(zip(names, blocks)), num_warps=warps, num_stages=stages))
+    return out
+
+
+# Tuned once per shape on first use; the expand adds into y in place, so autotuning restores it.
+@triton.autotune(configs=_configs(["BLOCK_K"], [(64, 128), (4, 8), (2, 3)]), key=["K", "R"])
 @triton.jit
 def _shrink_kernel(x_ptr, w_ptr, b_ptr, out_ptr, tiles_ptr, n_tiles,
                    stride_xm, stride_ws, stride_wr, stride_bs, stride_om, K, R,
@@ -59,13 +70,17 @@ def _shrink_kernel(x_ptr, w_ptr, b_ptr, out_ptr, tiles_ptr, n_tiles,
              mask=rmask[:, None] & rrmask[None, :])
 
 
+@triton.autotune(configs=_configs(["BLOCK_N"], [(64, 128, 256), (4, 8), (1, 2)]), key=["N", "RB"],
+                 restore_value=["y_ptr"])
 @triton.jit
 def _expand_kernel(xa_ptr, w_ptr, b_ptr, y_ptr, cols_ptr, tiles_ptr, n_tiles,
                    stride_xm, stride_ws, stride_wm, stride_wn, stride_bs, stride_bm, stride_ym,
-                   N, RB, n_blocks_n,
-                   HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+                   N, RB,
+                   HAS_BIAS: tl.constexpr, COLS_ALIGNED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_R: tl.constexpr):
     pid = tl.program_id(0)
     pid_n = tl.program_id(1)
+    n_blocks_n = tl.cdiv(N, BLOCK_N)
     member = pid_n // n_blocks_n
     nb = pid_n % n_blocks_n
     start = tl.load(tiles_ptr + pid)
@@ -87,6 +102,8 @@ def _expand_kernel(xa_ptr, w_ptr, b_ptr, y_ptr, cols_ptr, tiles_ptr, n_tiles,
     if HAS_BIAS:
         acc += tl.load(b_ptr + slot * stride_bs + member * stride_bm + nn, mask=nmask, other=0.0).to(tl.float32)[None, :]
     col0 = tl.load(cols_ptr + member)
+    if COLS_ALIGNED:  # lets the compiler vectorise the read-modify-write of y (16-byte accesses)
+        col0 = tl.multiple_of(col0, 16)
     m = rmask[:, None] & nmask[None, :]
     yp = y_ptr + rows[:, None] * stride_ym + (col0 + nn)[None, :]
     y = tl.load(yp, mask=m, other=0.0)
@@ -111,7 +128,7 @@ def sgmv_shrink(x: torch.Tensor, A: torch.Tensor, tiles: torch.Tensor, n_tiles: 
     grid = (n_tiles, triton.cdiv(R, br))
     _shrink_kernel[grid](x, A, b, out, tiles, n_tiles, x.stride(0), A.stride(0), A.stride(1),
                          b.stride(0), out.stride(0), K, R, HAS_BIAS=bias is not None, ACT=ACT_CODES[act],
-                         BLOCK_M=TILE_M, BLOCK_R=br, BLOCK_K=64, num_warps=4)
+                         BLOCK_M=TILE_M, BLOCK_R=br)
     return out
 
 
@@ -126,11 +143,12 @@ def sgmv_expand_add(xa: torch.Tensor, B: torch.Tensor, tiles: torch.Tensor, n_ti
     cols_t = _cols_cache.get(key)
     if cols_t is None:
         cols_t = _cols_cache[key] = torch.tensor(cols, dtype=torch.int64, device=y.device)
-    bn = 128
-    nbn = triton.cdiv(N, bn)
     b = bias if bias is not None else B
     sbs, sbm = (bias.stride(0), bias.stride(1)) if bias is not None else (0, 0)
-    _expand_kernel[(n_tiles, members * nbn)](
+
+    def grid(meta):
+        return (n_tiles, members * triton.cdiv(N, meta["BLOCK_N"]))
+    _expand_kernel[grid](
         xa, B, b, y, cols_t, tiles, n_tiles, xa.stride(0), B.stride(0), B.stride(1), B.stride(2), sbs, sbm,
-        y.stride(0), N, RB, nbn, HAS_BIAS=bias is not None, BLOCK_M=TILE_M, BLOCK_N=bn,
-        BLOCK_R=_pow2(RB, 16, 64), num_warps=4)
+        y.stride(0), N, RB, HAS_BIAS=bias is not None, COLS_ALIGNED=all(c % 16 == 0 for c in cols),
+        BLOCK_M=TILE_M, BLOCK_R=_pow2(RB, 16, 64))

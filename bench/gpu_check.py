@@ -1,0 +1,167 @@
+"""Compare the CUDA/Triton engine paths with the CPU/torch reference paths (bf16 within 2e-2).
+
+    python bench/gpu_check.py                 # on the GPU box
+    python bench/gpu_check.py --device cpu --small   # local smoke (kernel checks skipped)
+Writes $OUT/gpu_check.json (OUT defaults to ./bench_out). Exit status 1 if any check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from workers.adapters.layout import PET_TYPES, BaseDims  # noqa: E402
+from workers.engine.kernels import triton_available  # noqa: E402
+from workers.engine.plan import Segments, _pad_index, _tiles  # noqa: E402
+from workers.engine.pets import segmented  # noqa: E402
+from workers.engine.pool import PoolConfig  # noqa: E402
+from workers.engine.runtime import Engine  # noqa: E402
+from workers.engine.synthetic import random_delta, random_packed, save_random_bert  # noqa: E402
+
+TOL = 2e-2
+
+
+def rel(a, b):
+    a, b = a.double().cpu(), b.double().cpu()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-6))
+
+
+def _segments(lens, slots, device, tiles: bool):
+    pad, valid = _pad_index(lens, max(lens))
+    seg = Segments(0, sum(lens), max(lens))
+    t = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.long, device=device)  # noqa: E731
+    seg.seq_slots, seg.tok_slots = t(slots), t(np.repeat(slots, lens))
+    seg.pad_idx, seg.valid_flat = t(pad), t(valid)
+    if tiles:
+        tl_ = _tiles(lens, slots)
+        seg.tiles, seg.n_tiles = t(tl_), tl_.shape[1]
+    return seg
+
+
+def kernel_checks(device, results):
+    rng = np.random.default_rng(0)
+    for (K, R, members, N, act, bias) in [(768, 16, 2, 768, "none", False), (768, 64, 1, 768, "gelu", True),
+                                          (3072, 48, 3, 768, "tanh", True), (768, 256, 1, 3072, "relu", False)]:
+        S = 50
+        lens = rng.integers(1, 140, size=40).tolist()
+        slots = sorted(rng.integers(0, S, size=40).tolist())
+        x = torch.randn(sum(lens), K, device=device, dtype=torch.bfloat16)
+        A = (torch.randn(S, R, K, device=device) * 0.05).to(torch.bfloat16)
+        ab = (torch.randn(S, R, device=device) * 0.1).to(torch.bfloat16) if bias else None
+        rb = R // members
+        B = (torch.randn(S, members, N, rb, device=device) * 0.05).to(torch.bfloat16)
+        bb = (torch.randn(S, members, N, device=device) * 0.1).to(torch.bfloat16) if bias else None
+        cols = [m * N for m in range(members)]
+        y0 = torch.randn(sum(lens), members * N, device=device, dtype=torch.bfloat16)
+        seg_t = _segments(lens, slots, device, True)
+        seg_c = _segments(lens, slots, "cpu", False)
+        xa_t = segmented.shrink(x, A, seg_t, ab, act)
+        xa_c = segmented.shrink(x.float().cpu(), A.float().cpu(), seg_c, ab.float().cpu() if bias else None, act)
+        y_t = y0.clone()
+        segmented.expand_add(xa_t, B, seg_t, y_t, cols, bb)
+        y_c = y0.float().cpu()
+        segmented.expand_add(xa_c, B.float().cpu(), seg_c, y_c, cols, bb.float().cpu() if bias else None)
+        name = f"sgmv K={K} R={R} members={members} N={N} act={act} bias={bias}"
+        results.append({"check": name + " shrink", "rel_err": rel(xa_t, xa_c)})
+        results.append({"check": name + " expand", "rel_err": rel(y_t - y0, y_c - y0.float().cpu())})
+
+
+def engine_checks(device, small, results):
+    tmp = tempfile.mkdtemp()
+    h, L, heads, m = (64, 2, 4, 128) if small else (256, 4, 4, 1024)
+    path = save_random_bert(tmp, hidden=h, layers=L, heads=heads, intermediate=m, vocab=1000, max_pos=160, std=0.05)
+    dims = BaseDims(h, m, L, heads)
+    deltas = {}
+    for i in range(60):
+        pet = PET_TYPES[i % len(PET_TYPES)]
+        deltas[f"t{i}"] = random_delta(f"t{i}", pet, dims, seed=i, n_labels=2 + i % 5, r=[4, 8, 16][i % 3],
+                                       sites=["q", "v", "ffn_out"] if i % 2 else None, pooling=["cls", "mean", "pooler"][i % 3],
+                                       task="token_cls" if i % 7 == 0 else "seq_cls", bottleneck=32, scale=0.1)
+    rng = np.random.default_rng(1)
+    tenants = [f"t{int(rng.integers(60))}" for _ in range(120)]
+    batch = random_packed(tenants, rng.integers(4, 128, size=120), vocab=1000, seed=2)
+    runs = {}
+    for name, dev, dt in (("cuda_bf16", device, torch.bfloat16), ("cuda_fp32", device, torch.float32),
+                          ("cpu_fp32", "cpu", torch.float32)):
+        if device == "cpu" and name != "cpu_fp32":
+            dev = "cpu"
+        eng = Engine(path, lambda t: deltas[t], device=dev, dtype=dt if dev != "cpu" else torch.float32,
+                     pool_config=PoolConfig(default_slots=64))
+        try:
+            runs[name] = (eng.run(batch, timeout=300), eng.encode_base(batch))
+        finally:
+            eng.close()
+    ref, ref_base = runs["cpu_fp32"]
+    for name in ("cuda_fp32", "cuda_bf16"):
+        outs, base = runs[name]
+        results.append({"check": f"base encoder hidden {name} vs cpu fp32", "rel_err": rel(base, ref_base),
+                        "tol": 2e-2 if name == "cuda_fp32" else 5e-2})
+        per_type: dict[str, list] = {}
+        for oa, ob in zip(outs, ref):
+            assert oa.error is None and ob.error is None, (oa.error, ob.error)
+            pet = deltas[oa.tenant_id].pet_type
+            if oa.logits is not None:
+                e = rel(torch.tensor(oa.logits), torch.tensor(ob.logits))
+                ps = float(np.abs(np.array(oa.scores) - np.array(ob.scores)).max())
+            else:
+                e = ps = float(np.abs(np.array(oa.token_scores) - np.array(ob.token_scores)).max())
+            cur = per_type.setdefault(pet, [0.0, 0.0])
+            cur[0], cur[1] = max(cur[0], e), max(cur[1], ps)
+        for pet, (e, ps) in per_type.items():
+            if name == "cuda_fp32":  # same precision: every CUDA path (Triton, streams, pool) must agree
+                results.append({"check": f"engine mixed batch, {pet} rows, logits {name} vs cpu fp32", "rel_err": e})
+            else:  # bf16 end to end through 4 random layers: activation rounding, not kernel error
+                results.append({"check": f"engine mixed batch, {pet} rows, scores {name} vs cpu fp32 (info, tol 0.1)",
+                                "rel_err": ps, "tol": 0.1})
+                results.append({"check": f"engine mixed batch, {pet} rows, logits {name} vs cpu fp32 (info, tol 0.1)",
+                                "rel_err": e, "tol": 0.1})
+
+
+def norm_check(device, results):
+    from workers.engine.kernels.triton_norm import add_layer_norm
+    x = torch.randn(1000, 768, device=device, dtype=torch.bfloat16)
+    r = torch.randn(1000, 768, device=device, dtype=torch.bfloat16)
+    w = torch.randn(768, device=device, dtype=torch.bfloat16)
+    b = torch.randn(768, device=device, dtype=torch.bfloat16)
+    got = add_layer_norm(x, r, w, b, 1e-12)
+    want = torch.nn.functional.layer_norm((x.float() + r.float()).cpu(), (768,), w.float().cpu(), b.float().cpu(), 1e-12)
+    results.append({"check": "triton add+layernorm bf16 vs torch fp32", "rel_err": rel(got, want)})
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--small", action="store_true")
+    args = ap.parse_args()
+    out_dir = os.environ.get("OUT", "./bench_out")
+    os.makedirs(out_dir, exist_ok=True)
+    results: list[dict] = []
+    if args.device != "cpu" and triton_available():
+        kernel_checks(args.device, results)
+        norm_check(args.device, results)
+    else:
+        print("kernel checks skipped (no CUDA/Triton)")
+    engine_checks(args.device, args.small, results)
+    ok = True
+    print(f"{'check':70s} {'rel_err':>10s}  ok")
+    for r in results:
+        r["ok"] = r["rel_err"] <= r.get("tol", TOL)
+        ok &= r["ok"]
+        print(f"{r['check']:70s} {r['rel_err']:10.2e}  {'PASS' if r['ok'] else 'FAIL'}")
+    dev_name = torch.cuda.get_device_name() if args.device != "cpu" else "cpu"
+    with open(os.path.join(out_dir, "gpu_check.json"), "w") as f:
+        json.dump({"device": dev_name, "tolerance": TOL, "results": results, "ok": ok}, f, indent=1)
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()

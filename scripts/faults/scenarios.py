@@ -83,37 +83,32 @@ def worker_crash(ctx: Ctx, where: str) -> dict:
 
 
 # ---------------------------------------------------------------- infrastructure outages
-def kafka_restart(ctx: Ctx) -> dict:
-    cluster = _cluster(ctx, f"fkaf{int(time.time()) % 10**6}", workers=2)
+def _outage(ctx: Ctx, tag: str, title: str, service: str, down_s: float, seconds: float, note: str) -> dict:
+    """Stop a service process (``scripts/services <service>-stop``), keep it down, start it again."""
+    cluster = _cluster(ctx, f"{tag}{int(time.time()) % 10**6}", workers=2)
     try:
         async def fault(h: History) -> str:
             t = time.monotonic()
-            await asyncio.to_thread(services, "kafka-stop")
-            await asyncio.sleep(ctx.seconds(10, 3))
-            await asyncio.to_thread(services, "kafka-start")
-            return f"broker down {time.monotonic() - t:.1f}s, same log dir"
+            await asyncio.to_thread(services, f"{service}-stop")
+            await asyncio.sleep(down_s)
+            await asyncio.to_thread(services, f"{service}-start")
+            return f"{note}; down {time.monotonic() - t:.1f}s"
 
-        h, notes = asyncio.run(_run_with_load(ctx, cluster, "broker restart", fault, rate=30,
-                                              seconds=ctx.seconds(45, 20), at=4, answer_timeout=240))
+        h, notes = asyncio.run(_run_with_load(ctx, cluster, f"{service} down", fault, rate=30, seconds=seconds,
+                                              at=4, answer_timeout=240))
     finally:
         cluster.teardown()
-    return _row("Kafka broker restart", h, notes)
+    return _row(title, h, notes)
+
+
+def kafka_restart(ctx: Ctx) -> dict:
+    return _outage(ctx, "fkaf", "Kafka broker restart", "kafka", ctx.seconds(10, 3), ctx.seconds(45, 20),
+                   "broker restarted on the same log dir")
 
 
 def postgres_outage(ctx: Ctx) -> dict:
-    cluster = _cluster(ctx, f"fpg{int(time.time()) % 10**6}", workers=2)
-    try:
-        async def fault(h: History) -> str:
-            await asyncio.to_thread(services, "pg-stop")
-            await asyncio.sleep(ctx.seconds(30, 6))
-            await asyncio.to_thread(services, "pg-start")
-            return f"PostgreSQL down {ctx.seconds(30, 6):.0f}s; resident tenants kept serving"
-
-        h, notes = asyncio.run(_run_with_load(ctx, cluster, "postgres down", fault, rate=30,
-                                              seconds=ctx.seconds(50, 20), at=4))
-    finally:
-        cluster.teardown()
-    return _row("PostgreSQL unavailable", h, notes)
+    return _outage(ctx, "fpg", "PostgreSQL unavailable", "pg", ctx.seconds(30, 6), ctx.seconds(50, 20),
+                   "resident tenants kept serving")
 
 
 # ---------------------------------------------------------------- control plane

@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import (BigInteger, CheckConstraint, DateTime, Float, ForeignKey, Index, Integer,
+from sqlalchemy import (BigInteger, Boolean, CheckConstraint, DateTime, Float, ForeignKey, Index, Integer,
                         LargeBinary, MetaData, String, Text, UniqueConstraint, func)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -88,6 +88,10 @@ class Worker(Base):
     heartbeat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     metrics: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default="{}")
+    # The request topic it serves, and whether it takes partitions from the manager's leases
+    # (False: static FLOCK_PARTITIONS; the manager leaves such a worker alone).
+    topic: Mapped[str | None] = mapped_column(String(249))
+    follows_leases: Mapped[bool] = mapped_column(Boolean, server_default="false")
     __table_args__ = (CheckConstraint(_in("state", WORKER_STATES), name="state"),)
 
 
@@ -100,6 +104,12 @@ class PartitionLease(Base):
     state: Mapped[str] = mapped_column(String(16), server_default="released")
     expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    # Hand-over in progress: the target; it prefetches hot_tenants, then flips state to 'releasing'.
+    next_worker_id: Mapped[str | None] = mapped_column(ForeignKey("workers.worker_id", ondelete="SET NULL"))
+    handover_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    hot_tenants: Mapped[list[str]] = mapped_column(JSONB, server_default="[]")
+    # When the current owner got it (the balancer's minimum dwell time).
+    assigned_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     __table_args__ = (
         CheckConstraint(_in("state", LEASE_STATES), name="state"),
         CheckConstraint("partition >= 0", name="partition_nonnegative"),

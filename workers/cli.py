@@ -24,6 +24,11 @@ db_app = typer.Typer(no_args_is_help=True, help="Database migrations (Alembic)."
 tenant_app = typer.Typer(no_args_is_help=True, help="Tenants.")
 adapter_app = typer.Typer(no_args_is_help=True, help="Tenant adapters (PET deltas + heads).")
 topics_app = typer.Typer(no_args_is_help=True, help="Kafka topics.")
+# `flockserve worker` runs a worker (the callback); `flockserve worker drain ID` is a subcommand.
+worker_app = typer.Typer(invoke_without_command=True, no_args_is_help=False,
+                         help="Run a GPU/CPU worker: consume requests, batch many tenants per forward pass, reply. "
+                              "Subcommands manage workers.")
+app.add_typer(worker_app, name="worker")
 app.add_typer(db_app, name="db")
 app.add_typer(tenant_app, name="tenant")
 app.add_typer(adapter_app, name="adapter")
@@ -65,23 +70,35 @@ def emit(rows: Sequence[Any] | Any, as_json: bool, columns: Sequence[str], title
     out.print(table)
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def fail(message: str) -> None:
+    """One line on stderr, never wrapped (scripts parse it), then exit 1 (raised by the caller)."""
+    sys.stderr.write("error: " + " ".join(message.split()) + "\n")
+    sys.stderr.flush()
+
+
 def run_cli(fn: Callable[[], Any]) -> Any:
     """Turn the typed errors of the lower layers into one line and exit 1."""
     from sqlalchemy.exc import OperationalError, ProgrammingError
 
     from workers.adapters.store import StoreError
     from workers.adapters.validate import AdapterRejected
+    from workers.manager.errors import ControlPlaneError
+    from workers.manager.pg import DB_ERRORS
     from workers.models import ModelNotFound
 
     try:
         return fn()
-    except (CliError, StoreError, AdapterRejected, ModelNotFound) as exc:
-        err.print(f"error: {exc}", markup=False, highlight=False)
+    except (CliError, StoreError, AdapterRejected, ModelNotFound, ControlPlaneError) as exc:
+        fail(str(exc))
     except OperationalError as exc:
-        err.print(f"error: database unreachable: {str(exc.orig).strip().splitlines()[0]}", markup=False)
+        fail(f"database unreachable: {_first_line(exc.orig)}")
     except ProgrammingError as exc:
-        err.print(f"error: database not migrated? run `flockserve db upgrade` "
-                  f"({str(exc.orig).strip().splitlines()[0]})", markup=False)
+        fail(f"database not migrated? run `flockserve db upgrade` ({_first_line(exc.orig)})")
     raise typer.Exit(1)
 
 
@@ -177,12 +194,30 @@ def tenant_show(tenant_id: str, as_json: bool = JSON_OPT) -> None:
         return TenantRegistry(_sessions()).show(tenant_id), _store().list(tenant_id)
 
     info, adapters = run_cli(go)
+    serving = _tenant_serving(tenant_id)
     if as_json:
-        out.print_json(json.dumps({**_plain(info), "adapter_versions": _plain(adapters)}))
+        out.print_json(json.dumps({**_plain(info), "adapter_versions": _plain(adapters), "serving": serving}))
         return
     emit(info, False, TENANT_COLS)
     if adapters:
         emit(adapters, False, ADAPTER_COLS, title=f"adapters of {tenant_id}")
+    if serving.get("error"):
+        out.print(f"served: unknown ({serving['error']})")
+        return
+    emit(serving["partitions"], False, ["partition", "worker_id", "tokens_per_s"],
+         title=f"served on ({'spread' if serving['spread'] else 'home partition ' + str(serving['home_partition'])}"
+               f"; resident on {', '.join(serving['resident_on']) or 'no worker'})")
+
+
+def _tenant_serving(tenant_id: str) -> dict:
+    """Where the tenant is served; a control-plane problem must not hide the tenant itself."""
+    from workers.config import settings
+    from workers.manager.pg import DB_ERRORS
+    from workers.manager.status import tenant_serving
+    try:
+        return asyncio.run(tenant_serving(settings(), tenant_id))
+    except DB_ERRORS as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"}
 
 
 @tenant_app.command("delete")
@@ -238,15 +273,114 @@ def adapter_list(tenant: Optional[str] = typer.Option(None, help="Only this tena
 
 
 # ---------------------------------------------------------------- data plane
-@app.command("worker")
-def worker_cmd(partitions: Optional[str] = typer.Option(None, help='Request partitions, e.g. "all" or "0,2-5".'),
+@worker_app.callback()
+def worker_cmd(ctx: typer.Context,
+               partitions: Optional[str] = typer.Option(None, help='Request partitions: "all", "0,2-5", or "leases" '
+                                                                  '(follow the manager).'),
                device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N")) -> None:
     """Run a GPU/CPU worker: consume requests, batch many tenants per forward pass, reply."""
+    if ctx.invoked_subcommand is not None:
+        return
     from workers.config import Settings
     from workers.serving.main import main as worker_main
 
     over = {k: v for k, v in {"partitions": partitions, "device": device}.items() if v is not None}
     worker_main(Settings(**over))
+
+
+@worker_app.command("drain")
+def worker_drain(worker_id: str, undo: bool = typer.Option(False, "--undo", help="Accept partitions again."),
+                 as_json: bool = JSON_OPT) -> None:
+    """Move every partition off WORKER_ID by warm hand-over (the manager carries it out); the
+    worker keeps running, ready to be stopped once it holds no lease."""
+    from workers.config import settings
+    from workers.manager import leases, pg
+    from workers.manager.errors import UnknownWorker
+
+    async def go():
+        conn = await pg.connect(settings().database_url, "flock-cli")
+        try:
+            if not await leases.set_worker_state(conn, worker_id, "serving" if undo else "draining"):
+                raise UnknownWorker(f"worker {worker_id!r} is not registered")
+            await leases.audit(conn, "worker.undrain" if undo else "worker.drain", worker_id, {})
+            await pg.notify(conn, settings().requests_topic)
+        finally:
+            await conn.close()
+
+    run_cli(lambda: asyncio.run(go()))
+    res = {"worker_id": worker_id, "state": "serving" if undo else "draining"}
+    if as_json:
+        out.print_json(json.dumps(res))
+    else:
+        out.print(f"worker {worker_id}: {res['state']}" + ("" if undo else " (partitions move as the manager hands them over)"))
+
+
+# ---------------------------------------------------------------- control plane
+@app.command("manager")
+def manager_cmd() -> None:
+    """Run the control plane: leader election, leases, failure take-over, rebalancing, hot-tenant routes."""
+    from workers.config import Settings
+    from workers.manager.manager import main as manager_main
+    manager_main(Settings())
+
+
+WORKER_STATUS_COLS = ["worker_id", "state", "mode", "device", "capacity", "heartbeat_age_s", "partitions", "load",
+                      "tokens_per_s", "queue_depth", "inflight", "resident_tenants", "free_adapter_bytes"]
+LEASE_COLS = ["partition", "worker_id", "epoch", "state", "next_worker_id", "expires_in_s", "load", "lag",
+              "hot_tenants"]
+
+
+@app.command("status")
+def status_cmd(as_json: bool = JSON_OPT, lag: bool = typer.Option(True, help="Ask Kafka for lag per partition.")) -> None:
+    """Workers, leases, lag per partition, load, resident tenants, the leading manager."""
+    from workers.config import settings
+    from workers.manager.status import gather_status
+
+    st = run_cli(lambda: asyncio.run(gather_status(settings(), with_lag=lag)))
+    if as_json:
+        out.print_json(json.dumps(st, default=str))
+        return
+    out.print(f"topic {st['topic']}; manager: {st['leader'] or '[yellow]none leading[/]'}")
+    emit(st["workers"], False, WORKER_STATUS_COLS, title="workers")
+    emit(st["leases"], False, LEASE_COLS, title="partition leases")
+    if st["routes"]:
+        emit([{"tenant_id": t, "partitions": p} for t, p in sorted(st["routes"].items())], False,
+             ["tenant_id", "partitions"], title="spread tenants")
+
+
+@app.command("rebalance")
+def rebalance_cmd(apply: bool = typer.Option(False, "--apply", help="Start the hand-overs."),
+                  plan_only: bool = typer.Option(True, "--plan", help="Only print the plan (default)."),
+                  force: bool = typer.Option(False, "--force", help="Ignore threshold and minimum dwell time."),
+                  as_json: bool = JSON_OPT) -> None:
+    """Print partition moves and the predicted imbalance before/after; --apply carries them out."""
+    from workers.config import settings
+    from workers.manager import pg
+    from workers.manager.manager import apply_plan, plan_now
+
+    s = settings()
+
+    async def go():
+        conn = await pg.connect(s.database_url, "flock-cli")
+        try:
+            plan, _, parts = await plan_now(conn, s, force=force)
+            started = await apply_plan(conn, s, plan, parts) if apply else []
+            return plan, started
+        finally:
+            await conn.close()
+
+    plan, started = run_cli(lambda: asyncio.run(go()))
+    rows = [{"partition": m.partition, "from": m.source, "to": m.target, "load": round(m.cost, 1),
+             "reason": m.reason, "started": (m in started) if apply else None} for m in plan.moves]
+    info = {"imbalance_before": round(plan.imbalance_before, 3), "imbalance_after": round(plan.imbalance_after, 3),
+            "load_before": {k: round(v, 1) for k, v in plan.load_before.items()},
+            "load_after": {k: round(v, 1) for k, v in plan.load_after.items()}, "moves": rows, "applied": apply}
+    if as_json:
+        out.print_json(json.dumps(info))
+        return
+    emit(rows, False, ["partition", "from", "to", "load", "reason"] + (["started"] if apply else []), title="moves")
+    out.print(f"imbalance (max/mean load) {info['imbalance_before']} -> {info['imbalance_after']} predicted"
+              + ("" if apply else "; --apply to carry out"))
 
 
 def _reply_row(reply) -> dict:
@@ -304,7 +438,7 @@ def load_cmd(count: int = typer.Option(1000, help="Requests to send."),
     names = tenants.split(",") if tenants else [t.tenant_id for t in run_cli(lambda: TenantRegistry(_sessions()).list())
                                                  if t.active_version is not None]
     if not names:
-        err.print("error: no tenants with adapters (flockserve adapter import ...)")
+        fail("no tenants with adapters (flockserve adapter import ...)")
         raise typer.Exit(1)
 
     async def go():

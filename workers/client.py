@@ -4,7 +4,9 @@
         reply = await client.infer("acme", "the text", timeout=10)
         reply.outputs["label"]
 
-Requests are keyed by tenant (tenant-stable partitions). Replies are read from the client's
+Requests are keyed by tenant (tenant-stable partitions). A hot tenant the manager spread over
+several partitions is routed by the compacted ``flock.routing`` topic (see
+:class:`RoutingTable`): a partition drawn from its list, key hashing otherwise. Replies are read from the client's
 reply topic (default: the shared ``flock.replies``; pass your own for high volume) and matched
 by request_id; a duplicate reply (at-least-once redelivery) is counted and dropped.
 """
@@ -12,6 +14,9 @@ by request_id; a duplicate reply (at-least-once redelivery) is counted and dropp
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
+import random
 import time
 from typing import Any, Iterable
 
@@ -21,13 +26,87 @@ from schema.messages import InferReply, InferRequest, WireError, now_ms
 from workers.config import settings
 
 
+log = logging.getLogger("flock.client")
+
+
 class FlockTimeout(TimeoutError):
     """No reply within the timeout (the request may still be answered later)."""
 
 
+class RoutingTable:
+    """tenant -> partitions, followed from the compacted routing topic (key = tenant, JSON value,
+    tombstone = back to hashing). A missing topic or a stale table only means hashing."""
+
+    def __init__(self, bootstrap: str, topic: str):
+        self.bootstrap, self.topic = bootstrap, topic
+        self.routes: dict[str, list[int]] = {}
+        self._consumer: AIOKafkaConsumer | None = None
+        self._task: asyncio.Task | None = None
+        self._rng = random.Random()
+
+    async def start(self, wait_s: float = 5.0) -> None:
+        self._consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False,
+                                          auto_offset_reset="earliest")
+        await self._consumer.start()
+        parts = self._consumer.partitions_for_topic(self.topic)
+        if not parts:
+            await self._consumer._client.force_metadata_update()  # noqa: SLF001 - no public way to wait
+            parts = self._consumer.partitions_for_topic(self.topic)
+        if not parts:
+            log.info("routing topic %s absent: tenants are routed by key hashing", self.topic)
+            return
+        tps = [TopicPartition(self.topic, p) for p in parts]
+        self._consumer.assign(tps)
+        await self._consumer.seek_to_beginning(*tps)
+        ends = await self._consumer.end_offsets(tps)
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:  # read the table up to now before the first request
+            self._apply(await self._consumer.getmany(timeout_ms=100))
+            positions = [await self._consumer.position(tp) for tp in tps]
+            if all(pos >= ends[tp] for pos, tp in zip(positions, tps)):
+                break
+        self._task = asyncio.create_task(self._follow())
+
+    async def _follow(self) -> None:
+        while True:
+            self._apply(await self._consumer.getmany(timeout_ms=500))
+
+    def _apply(self, batch) -> None:
+        for recs in batch.values():
+            for rec in recs:
+                tenant = rec.key.decode() if rec.key else None
+                if tenant is None:
+                    continue
+                if rec.value is None:
+                    self.routes.pop(tenant, None)
+                    continue
+                try:
+                    parts = [int(p) for p in json.loads(rec.value)["partitions"]]
+                except (ValueError, KeyError, TypeError):
+                    continue
+                if parts:
+                    self.routes[tenant] = parts
+
+    def partition(self, tenant_id: str, partition_count: int | None = None) -> int | None:
+        """A partition for this tenant's next request, or None for key hashing."""
+        parts = self.routes.get(tenant_id)
+        if not parts:
+            return None
+        if partition_count is not None:
+            parts = [p for p in parts if p < partition_count]
+        return self._rng.choice(parts) if parts else None
+
+    async def close(self) -> None:
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._consumer:
+            await self._consumer.stop()
+
+
 class FlockClient:
     def __init__(self, bootstrap: str | None = None, *, requests_topic: str | None = None,
-                 reply_topic: str | None = None):
+                 reply_topic: str | None = None, routing_topic: str | None = None, routing: bool = True):
         s = settings()
         self.bootstrap = bootstrap or s.kafka_bootstrap
         self.requests_topic = requests_topic or s.requests_topic
@@ -38,6 +117,8 @@ class FlockClient:
         self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self._reader: asyncio.Task | None = None
+        self.routing = RoutingTable(self.bootstrap, routing_topic or s.routing_topic) if routing else None
+        self._request_partitions: int | None = None
 
     async def __aenter__(self) -> "FlockClient":
         await self.start()
@@ -60,6 +141,10 @@ class FlockClient:
         for tp in tps:  # resolve positions now, so no reply sent after start() is missed
             await self._consumer.position(tp)
         self._reader = asyncio.create_task(self._read_replies())
+        if self.routing is not None:
+            await self.routing.start()
+            parts = await self._producer.partitions_for(self.requests_topic)
+            self._request_partitions = len(parts) if parts else None
 
     async def _consumer_partitions(self) -> list[int]:
         for _ in range(50):
@@ -71,6 +156,8 @@ class FlockClient:
         raise RuntimeError(f"reply topic {self.reply_topic!r} does not exist (flockserve topics create)")
 
     async def close(self) -> None:
+        if self.routing is not None:
+            await self.routing.close()
         if self._reader:
             self._reader.cancel()
             await asyncio.gather(self._reader, return_exceptions=True)
@@ -109,8 +196,9 @@ class FlockClient:
         """Produce a request; the returned future resolves with its reply."""
         fut: asyncio.Future[InferReply] = asyncio.get_running_loop().create_future()
         self._pending[req.request_id] = fut
+        partition = self.routing.partition(req.tenant_id, self._request_partitions) if self.routing else None
         ack = await self._producer.send(self.requests_topic, req.encode(), key=req.tenant_id.encode(),
-                                        headers=req.headers())
+                                        headers=req.headers(), partition=partition)
 
         def produced(a: asyncio.Future, rid: str = req.request_id) -> None:
             # Not acked by Kafka: the request may not exist, so fail its reply future.

@@ -14,6 +14,12 @@ from schema import topics
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
+# Relative cost of a token by PET type (shared GEMMs cost the same; the PET op adds on top).
+# Order follows PetS's profiled beta: diff > maskbert > adapter > bitfit; measure and override
+# with FLOCK_PET_COST_WEIGHTS='{"diff": 1.4, ...}'.
+DEFAULT_PET_COST_WEIGHTS = {"lora": 1.05, "adapter": 1.10, "bitfit": 1.0, "ia3": 1.0, "diff": 1.25,
+                            "maskbert": 1.20}
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FLOCK_", extra="ignore")
@@ -26,6 +32,7 @@ class Settings(BaseSettings):
     requests_topic: str = topics.REQUESTS_TOPIC
     replies_topic: str = topics.REPLIES_TOPIC
     dlq_topic: str = topics.DLQ_TOPIC
+    routing_topic: str = topics.ROUTING_TOPIC
     request_partitions: int = topics.REQUEST_PARTITIONS
     consumer_group: str = topics.CONSUMER_GROUP
 
@@ -39,7 +46,9 @@ class Settings(BaseSettings):
     # Worker
     worker_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    partitions: str = "all"  # request partitions to consume until the manager leases them: "all" or "0,1,4-7"
+    # "all" / "0,1,4-7": static assignment (no manager needed); "leases": follow the manager's leases.
+    partitions: str = "all"
+    worker_capacity: float = 1.0  # relative throughput of this worker, for the balancer
     max_seq_len: int = 512  # tokens; longer inputs get input_too_large unless truncate is set
     truncate: bool = False
     batch_max_tokens: int = 16384
@@ -55,10 +64,37 @@ class Settings(BaseSettings):
     http_host: str = "127.0.0.1"
     http_port: int = 9400  # /metrics /livez /readyz; 0 disables
 
+    # Control plane (workers/manager). Short values in tests; seconds unless named otherwise.
+    heartbeat_s: float = 2.0  # worker -> workers row (load report)
+    lease_poll_s: float = 0.5  # worker re-reads/renews its leases this often (NOTIFY wakes it sooner)
+    lease_timeout_s: float = 10.0  # a lease not renewed for this long is taken away
+    worker_timeout_s: float = 10.0  # a worker silent for this long is marked dead
+    rate_window_s: float = 10.0  # load rates are averaged over this window
+    handover_timeout_s: float = 20.0  # a hand-over stuck this long is cancelled or forced
+    handover_drain_s: float = 10.0  # the source waits this long for in-flight replies, then commits what is done
+    manager_tick_s: float = 1.0
+    rebalance_auto: bool = True
+    rebalance_threshold: float = 1.25  # max/mean load that triggers an automatic rebalance
+    rebalance_target: float = 1.10  # stop moving partitions at this imbalance (hysteresis)
+    rebalance_min_dwell_s: float = 30.0  # a partition stays this long with its owner before it moves again
+    rebalance_cooldown_s: float = 15.0  # pause between automatic rebalances (rates settle)
+    rebalance_max_moves: int = 4
+    pet_cost_weights: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_PET_COST_WEIGHTS))
+    spread_hot_tenants: bool = True
+    hot_tenant_factor: float = 1.5  # spread a tenant above this many partitions' fair share of load
+
+
+LEASES = "leases"
+
+
+def follows_leases(spec: str) -> bool:
+    return spec.strip() == LEASES
+
 
 def parse_partitions(spec: str, total: int) -> list[int]:
-    """"all" or a comma list of numbers and ranges ("0,2,5-7") -> sorted partition numbers."""
-    if spec.strip() == "all":
+    """"all" or a comma list of numbers and ranges ("0,2,5-7") -> sorted partition numbers.
+    "leases" means every partition may be leased to this worker (it owns none at start)."""
+    if spec.strip() in ("all", LEASES):
         return list(range(total))
     out: set[int] = set()
     for part in spec.split(","):

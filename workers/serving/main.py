@@ -8,7 +8,7 @@ import logging
 import signal
 
 from workers.adapters.store import AdapterStore, make_backend
-from workers.config import Settings, parse_partitions
+from workers.config import Settings, follows_leases, parse_partitions
 from workers.db import session_factory
 from workers.models import resolve_model_dir
 from workers.serving.adapter_source import StoreLoader, active_versions
@@ -31,7 +31,8 @@ def worker_config(s: Settings) -> WorkerConfig:
                            max_tenants=s.batch_max_tenants, max_wait_ms=s.batch_max_wait_ms),
         inflight_batches=s.inflight_batches, high_water=s.partition_high_water, low_water=s.partition_low_water,
         commit_interval_ms=s.commit_interval_ms, version_poll_s=s.version_poll_s,
-        shutdown_timeout_s=s.shutdown_timeout_s)
+        shutdown_timeout_s=s.shutdown_timeout_s, follow_leases=follows_leases(s.partitions),
+        handover_drain_s=s.handover_drain_s)
 
 
 def build_engine(s: Settings, store: AdapterStore):
@@ -42,12 +43,30 @@ def build_engine(s: Settings, store: AdapterStore):
     return Engine(str(model_dir), StoreLoader(store, s.default_base_model), device=device), model_dir
 
 
+def engine_stats(engine) -> dict:
+    """Resident tenants and free adapter memory for the load report (best effort: the pool's
+    bookkeeping is internal to the engine, and a report must never break serving)."""
+    try:
+        pool = engine.pool
+        free = pool.config.device_bytes - pool._device_used  # noqa: SLF001 - budget not yet given to banks
+        free += sum(len(pool._free.get(k, ())) * b.slot_bytes() for k, b in pool.banks.items())  # noqa: SLF001
+        return {"resident_tenants": sorted(pool.residents), "free_adapter_bytes": int(free),
+                "device_kind": engine.device.type}
+    except Exception as exc:  # noqa: BLE001
+        log.debug("engine stats unavailable: %s", exc)
+        return {}
+
+
 async def run_worker(s: Settings) -> None:
     store = AdapterStore(session_factory(s.database_url), make_backend(s.store_backend, s.store_dir),
                          max_bytes=s.max_adapter_bytes, models_dir=s.models_dir)
     engine, model_dir = build_engine(s, store)
     worker = Worker(worker_config(s), engine, IntakeTokenizer(str(model_dir), s.truncate),
                     WorkerMetrics(), active_versions=lambda: active_versions(store))
+    # The control-plane agent: registry heartbeat always, lease following in "leases" mode.
+    from workers.manager.agent import WorkerAgent
+
+    agent = WorkerAgent(s, worker, engine_stats=lambda: engine_stats(engine))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stop)
@@ -55,9 +74,11 @@ async def run_worker(s: Settings) -> None:
     if s.http_port:
         server = await serve_http(s.http_host, s.http_port, worker.metrics.registry,
                                   live=lambda: True, ready=lambda: worker.ready)
+    agent_task = asyncio.create_task(agent.run())
     try:
         await worker.run()
     finally:
+        await agent.stop(agent_task)  # after the final commit: give the leases back at once
         if server is not None:
             server.close()
         engine.close()

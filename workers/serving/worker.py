@@ -5,6 +5,12 @@ Delivery: at-least-once. Each consumed offset is tracked until every record it c
 and/or DLQ record) is acked by Kafka; per partition only the contiguous done prefix is
 committed. A crash therefore replays unfinished requests (duplicates carry the same
 request_id) and never drops one.
+
+Ownership: static (``partitions`` from config, all owned for good) or lease-following
+(``follow_leases``): every partition is assigned to the consumer but paused unless this worker
+holds its lease. A control-plane agent hands in the current leases (``set_leases``) and asks for
+hand-overs (``release_partition``); the loop only fetches and commits owned partitions whose
+lease is still valid on the local clock (fencing: a lapsed lease stops consumption and commits).
 """
 
 from __future__ import annotations
@@ -59,6 +65,8 @@ class WorkerConfig:
     commit_interval_ms: int = 200
     version_poll_s: float = 5.0
     shutdown_timeout_s: float = 30.0
+    follow_leases: bool = False  # True: own only what set_leases() hands in
+    handover_drain_s: float = 10.0
 
 
 @dataclass
@@ -96,6 +104,16 @@ class Worker:
         self._topic_ok: dict[str, tuple[bool, float]] = {}
         self._cpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flock-tokenize")
         self._versions: dict[str, int | None] = {}
+        # Ownership: partition -> lease epoch (0 in static mode), lease validity on the monotonic clock.
+        self.owned: dict[int, int] = {} if cfg.follow_leases else {p: 0 for p in cfg.partitions}
+        self._lease_until: dict[int, float] = {}
+        self._wanted: dict[int, tuple[int, float]] | None = None  # newest lease view, applied by intake
+        self._releasing: set[int] = set()
+        self._halted: set[int] = set()  # partitions paused at the consumer (any reason)
+        self._rounds = 0  # intake iterations, so a release can wait out a fetch already under way
+        # Load for the control plane: partition -> tenant -> [requests, tokens] since the last take_load().
+        self._load: dict[int, dict[str, list[int]]] = {}
+        self._lag: dict[int, int] = {}
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
 
@@ -113,6 +131,7 @@ class Worker:
         await self.consumer.start()
         tps = [TopicPartition(cfg.requests_topic, p) for p in cfg.partitions]
         self.consumer.assign(tps)  # manual assignment: ownership comes from config/manager leases
+        self._sync_fetching()
         log.info("worker %s consuming %s partitions %s", cfg.worker_id, cfg.requests_topic, cfg.partitions)
         self.ready = True
         loops = [self._intake_loop(), self._batch_loop(), self._commit_loop(), self._lag_loop()]
@@ -156,6 +175,9 @@ class Worker:
     async def _intake_loop(self) -> None:
         loop = asyncio.get_running_loop()
         while not self.stopping.is_set():
+            if self.cfg.follow_leases:
+                await self._apply_leases()
+            self._rounds += 1
             # One fetch never takes more than a partition's high-water mark: that bounds memory.
             records = await self.consumer.getmany(timeout_ms=50, max_records=min(1000, self.cfg.high_water))
             if self.stopping.is_set():
@@ -163,6 +185,8 @@ class Worker:
                 break
             good: list[Work] = []
             for tp, recs in records.items():
+                if not self._fetchable(tp.partition):
+                    continue  # lease lost or hand-over began during the fetch: the next owner reads these
                 for rec in recs:
                     w = Work(tp.partition, rec.offset, time.monotonic())
                     self.tracker.track(w.partition, w.offset)
@@ -178,6 +202,7 @@ class Worker:
                 now_ms = time.time() * 1000
                 for w, (tid, tt) in zip(good, ids):
                     w.token_ids, w.token_type_ids = tid, tt
+                    self._count_load(w)
                     await self._admit(w, now_ms)
             self._backpressure()
             self.metrics.queue_depth.set(len(self.batcher))
@@ -228,14 +253,127 @@ class Worker:
     def _backpressure(self) -> None:
         for p in self.cfg.partitions:
             n = self.tracker.pending(p)
-            tp = TopicPartition(self.cfg.requests_topic, p)
             if p not in self._paused and n >= self.cfg.high_water:
-                self.consumer.pause(tp)
                 self._paused.add(p)
             elif p in self._paused and n <= self.cfg.low_water:
-                self.consumer.resume(tp)
                 self._paused.discard(p)
+        self._sync_fetching()
         self.metrics.paused.set(len(self._paused))
+
+    # ------------------------------------------------------------ ownership (leases)
+    def _fetchable(self, p: int) -> bool:
+        return p in self.owned and p not in self._releasing
+
+    def _sync_fetching(self) -> None:
+        """Pause at the consumer whatever is not owned, being handed over, or back-pressured."""
+        for p in self.cfg.partitions:
+            fetch = self._fetchable(p) and p not in self._paused
+            tp = TopicPartition(self.cfg.requests_topic, p)
+            if fetch and p in self._halted:
+                self.consumer.resume(tp)
+                self._halted.discard(p)
+            elif not fetch and p not in self._halted:
+                self.consumer.pause(tp)
+                self._halted.add(p)
+
+    def set_leases(self, leases: dict[int, tuple[int, float]]) -> None:
+        """The agent's current view: partition -> (epoch, valid until on time.monotonic())."""
+        self._wanted = dict(leases)
+        self._wake.set()
+
+    async def _apply_leases(self) -> None:
+        wanted, self._wanted = self._wanted, None
+        if wanted is not None:
+            for p in list(self.owned):
+                if p not in self._releasing and (p not in wanted or wanted[p][0] != self.owned[p]):
+                    self._drop(p, "lease moved to another worker")
+            for p, (epoch, until) in wanted.items():
+                if p in self._releasing:
+                    continue
+                self._lease_until[p] = until
+                if p not in self.owned:
+                    await self._acquire(p, epoch)
+        now = time.monotonic()
+        for p in list(self.owned):
+            if self._lease_until.get(p, 0.0) < now:
+                self._drop(p, "lease not renewed in time")
+        self._sync_fetching()
+
+    async def _acquire(self, p: int, epoch: int) -> None:
+        """Start a partition at the offset its previous owner committed."""
+        tp = TopicPartition(self.cfg.requests_topic, p)
+        try:
+            committed = await self.consumer.committed(tp)
+        except KafkaError as exc:
+            log.warning("cannot read committed offset of partition %d (will retry): %s", p, exc)
+            self._lease_until.pop(p, None)
+            return
+        if committed is None:
+            await self.consumer.seek_to_beginning(tp)
+        else:
+            self.consumer.seek(tp, committed)
+        self.tracker.forget(p)
+        self.owned[p] = epoch
+        log.info("partition %d acquired at epoch %d from offset %s", p, epoch, committed)
+
+    def _drop(self, p: int, why: str) -> None:
+        """Fence: stop fetching and committing p now; replies still in flight may duplicate."""
+        self.owned.pop(p, None)
+        self._lease_until.pop(p, None)
+        self.tracker.forget(p)
+        self._sync_fetching()
+        log.warning("partition %d dropped: %s", p, why)
+
+    async def release_partition(self, p: int) -> bool:
+        """Hand-over, source side: stop fetching p, let its in-flight requests finish, commit.
+        True when p was still owned and its offsets are committed (then the lease can move);
+        the caller ends the hand-over with ``release_done``."""
+        if p not in self.owned:
+            return False
+        self._releasing.add(p)
+        self._sync_fetching()
+        start = self._rounds
+        while self._rounds < start + 2 and not self.stopping.is_set():
+            await asyncio.sleep(0.01)  # a fetch started before the pause has been accepted or skipped
+        deadline = time.monotonic() + self.cfg.handover_drain_s
+        while self.tracker.pending(p) and p in self.owned and time.monotonic() < deadline:
+            self._wake.set()
+            await asyncio.sleep(0.01)
+        left = self.tracker.pending(p)
+        await self._commit()
+        ok = p in self.owned and p not in self.tracker.to_commit()
+        if left:
+            log.warning("partition %d released with %d requests unreplied; they will be replayed", p, left)
+        self.owned.pop(p, None)
+        self._lease_until.pop(p, None)
+        self.tracker.forget(p)
+        return ok
+
+    def release_done(self, p: int) -> None:
+        self._releasing.discard(p)
+        self._sync_fetching()
+
+    def prefetch(self, tenant_ids: list[str]) -> Any:
+        """Warm hand-over, target side: make the partition's hot tenants resident ahead of time."""
+        return self.engine.prefetch(tenant_ids)
+
+    # ------------------------------------------------------------ load report
+    def _count_load(self, w: Work) -> None:
+        c = self._load.setdefault(w.partition, {}).setdefault(w.request.tenant_id, [0, 0])
+        c[0] += 1
+        c[1] += len(w.token_ids or ())
+
+    def take_load(self) -> dict[str, Any]:
+        """Counts since the last call plus gauges; the agent turns them into rates."""
+        counts, self._load = self._load, {}
+        hw = {}
+        for p in self.owned:
+            h = self.consumer.highwater(TopicPartition(self.cfg.requests_topic, p)) if self.consumer else None
+            if h is not None:
+                hw[p] = h
+        return {"counts": counts, "highwater": hw, "lag": {p: self._lag.get(p, 0) for p in self.owned},
+                "queue_depth": len(self.batcher), "inflight": self.tracker.pending(),
+                "owned": dict(self.owned), "releasing": sorted(self._releasing)}
 
     # ------------------------------------------------------------ batching + engine
     async def _batch_loop(self) -> None:
@@ -346,6 +484,9 @@ class Worker:
     # ------------------------------------------------------------ commits, lag, versions
     async def _commit(self) -> None:
         offsets = self.tracker.to_commit()
+        if self.cfg.follow_leases:  # fencing: commit only under a lease that is still ours and valid
+            now = time.monotonic()
+            offsets = {p: o for p, o in offsets.items() if p in self.owned and self._lease_until.get(p, 0.0) > now}
         if not offsets:
             return
         try:
@@ -365,7 +506,7 @@ class Worker:
     async def _lag_loop(self) -> None:
         while True:
             await asyncio.sleep(2)
-            for p in self.cfg.partitions:
+            for p in list(self.owned):
                 tp = TopicPartition(self.cfg.requests_topic, p)
                 hw = self.consumer.highwater(tp)
                 if hw is None:
@@ -374,7 +515,8 @@ class Worker:
                     pos = await self.consumer.position(tp)
                 except KafkaError:
                     continue
-                self.metrics.lag.labels(str(p)).set(max(0, hw - pos))
+                self._lag[p] = max(0, hw - pos)
+                self.metrics.lag.labels(str(p)).set(self._lag[p])
 
     async def _version_loop(self) -> None:
         """Drop residents whose tenant switched to another adapter version (or was deleted)."""

@@ -1,0 +1,150 @@
+"""What the control plane observes, read from PostgreSQL: workers with their load reports,
+leases, PET types; and the translation of that into the balancer's inputs (measured cost)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from workers.manager.balancer import PartitionLoad, WorkerLoad
+
+LIVE_STATES = ("starting", "serving", "draining")
+
+
+@dataclass
+class WorkerRow:
+    worker_id: str
+    host: str
+    device: str
+    capacity: float
+    state: str
+    heartbeat_age_s: float
+    follows_leases: bool
+    metrics: dict[str, Any]
+    topic: str | None
+
+
+@dataclass
+class LeaseRow:
+    partition: int
+    worker_id: str | None
+    epoch: int
+    state: str
+    next_worker_id: str | None
+    expires_in_s: float | None
+    dwell_s: float | None
+    hot_tenants: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Observed:
+    topic: str
+    workers: list[WorkerRow]
+    leases: list[LeaseRow]
+    pet_types: dict[str, str]
+
+    def worker(self, worker_id: str | None) -> WorkerRow | None:
+        return next((w for w in self.workers if w.worker_id == worker_id), None)
+
+
+WORKERS = """
+SELECT worker_id, host, device, capacity, state, follows_leases, metrics, topic,
+       EXTRACT(EPOCH FROM now() - heartbeat_at)::float8 AS heartbeat_age_s
+FROM workers WHERE topic = $1 ORDER BY worker_id"""
+
+LEASES = """
+SELECT partition, worker_id, epoch, state, next_worker_id, hot_tenants,
+       EXTRACT(EPOCH FROM expires_at - now())::float8 AS expires_in_s,
+       EXTRACT(EPOCH FROM now() - assigned_at)::float8 AS dwell_s
+FROM partition_leases WHERE topic = $1 ORDER BY partition"""
+
+PET_TYPES = """
+SELECT t.tenant_id, a.pet_type FROM tenants t
+JOIN adapters a ON a.tenant_id = t.tenant_id AND a.version = t.active_version"""
+
+
+async def observe(conn, topic: str, with_pet_types: bool = True) -> Observed:
+    workers = [WorkerRow(**dict(r)) for r in await conn.fetch(WORKERS, topic)]
+    leases = [LeaseRow(**{**dict(r), "hot_tenants": list(r["hot_tenants"] or [])}) for r in await conn.fetch(LEASES, topic)]
+    pets = {r["tenant_id"]: r["pet_type"] for r in await conn.fetch(PET_TYPES)} if with_pet_types else {}
+    return Observed(topic, workers, leases, pets)
+
+
+def _report_for(obs: Observed, lease: LeaseRow) -> dict[str, Any] | None:
+    """The partition's freshest load report: its owner's, else whoever reported it last."""
+    key = str(lease.partition)
+    owner = obs.worker(lease.worker_id)
+    if owner and key in owner.metrics.get("partitions", {}):
+        return owner.metrics["partitions"][key]
+    others = [w for w in obs.workers if key in w.metrics.get("partitions", {})]
+    if not others:
+        return None
+    return min(others, key=lambda w: w.heartbeat_age_s).metrics["partitions"][key]
+
+
+def partition_cost(report: dict[str, Any] | None, pet_types: dict[str, str],
+                   weights: dict[str, float], arrivals: float | None = None,
+                   tokens_per_request: float | None = None) -> tuple[float, dict[str, float]]:
+    """(weighted tokens/s of the partition, weighted tokens/s per reported tenant).
+
+    A partition whose requests arrive faster than they are served (lag grows) costs its demand,
+    not its throughput: otherwise a saturated worker would look no busier than its capacity.
+    ``arrivals`` (requests/s, measured from end offsets) overrides the worker's own estimate;
+    with no served traffic to scale, demand x ``tokens_per_request`` is the cost."""
+    report = report or {}
+    tenants = {t: k * weights.get(pet_types.get(t, ""), 1.0) for t, k in report.get("tenants", {}).items()}
+    tail = max(0.0, report.get("tokens_per_s", 0.0) - sum(report.get("tenants", {}).values()))
+    cost = sum(tenants.values()) + tail
+    served = report.get("requests_per_s") or 0.0
+    arriving = arrivals if arrivals is not None else (report.get("arrivals_per_s") or 0.0)
+    if served > 0 and (arriving > 1.05 * served or (arrivals is not None and arriving < 0.95 * served)):
+        scale = arriving / served
+        cost *= scale
+        tenants = {t: c * scale for t, c in tenants.items()}
+    elif served <= 0 and arriving > 0 and tokens_per_request:
+        cost = arriving * tokens_per_request
+    return cost, tenants
+
+
+def tokens_per_request(obs: Observed) -> float | None:
+    tok = sum(w.metrics.get("tokens_per_s", 0.0) for w in obs.workers if w.state in LIVE_STATES)
+    req = sum(w.metrics.get("requests_per_s", 0.0) for w in obs.workers if w.state in LIVE_STATES)
+    return tok / req if req > 0 else None
+
+
+def accepting(w: WorkerRow, worker_timeout_s: float) -> bool:
+    return w.follows_leases and w.state in ("starting", "serving") and w.heartbeat_age_s <= worker_timeout_s
+
+
+def balancer_inputs(obs: Observed, weights: dict[str, float], worker_timeout_s: float,
+                    hot_cover: float = 0.8, hot_max: int = 16,
+                    arrivals: dict[int, float] | None = None) -> tuple[list[WorkerLoad], list[PartitionLoad]]:
+    workers = [WorkerLoad(w.worker_id, w.capacity, accepting(w, worker_timeout_s),
+                          frozenset(w.metrics.get("resident_tenants", [])))
+               for w in obs.workers if w.follows_leases and w.state in LIVE_STATES]
+    parts = []
+    tpr = tokens_per_request(obs)
+    for lease in obs.leases:
+        cost, tenants = partition_cost(_report_for(obs, lease), obs.pet_types, weights,
+                                       (arrivals or {}).get(lease.partition), tpr)
+        hot, covered = [], 0.0
+        for t, c in sorted(tenants.items(), key=lambda kv: -kv[1]):
+            if covered >= hot_cover * cost or len(hot) >= hot_max:
+                break
+            hot.append(t)
+            covered += c
+        parts.append(PartitionLoad(lease.partition, lease.worker_id if lease.state != "released" else None, cost,
+                                   tuple(hot), lease.dwell_s if lease.dwell_s is not None else float("inf"),
+                                   moving=lease.next_worker_id is not None or lease.state == "releasing"))
+    return workers, parts
+
+
+def tenant_costs(obs: Observed, weights: dict[str, float],
+                 arrivals: dict[int, float] | None = None) -> dict[str, float]:
+    """Weighted tokens/s per tenant summed over partitions (a spread tenant sits on several)."""
+    out: dict[str, float] = {}
+    for lease in obs.leases:
+        for t, c in partition_cost(_report_for(obs, lease), obs.pet_types, weights,
+                                   (arrivals or {}).get(lease.partition))[1].items():
+            out[t] = out.get(t, 0.0) + c
+    return out

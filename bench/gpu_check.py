@@ -137,6 +137,66 @@ def norm_check(device, results):
     results.append({"check": "triton add+layernorm bf16 vs torch fp32", "rel_err": rel(got, want)})
 
 
+def new_kernel_checks(device, results):
+    """Packed-window attention, fused LN with per-row deltas, row affine, LoRA expand-into-GEMM."""
+    import torch.nn.functional as F
+    from workers.engine.kernels.triton_attn import packed_attention
+    from workers.engine.kernels.triton_lora import sgmv_expand_init, sgmv_shrink
+    from workers.engine.kernels.triton_norm import add_layer_norm, rows_affine_
+    rng = np.random.default_rng(3)
+    heads, d = 12, 64
+    lens = np.clip(rng.lognormal(np.log(40), 0.6, size=300), 1, 128).astype(int).tolist()
+    T = sum(lens)
+    cu = np.concatenate([[0], np.cumsum(lens)])
+    s = torch.tensor(np.repeat(cu[:-1], lens), device=device)
+    e = torch.tensor(np.repeat(cu[1:], lens), device=device)
+    qkv = torch.randn(T, 3 * heads * d, device=device, dtype=torch.bfloat16)
+    got = packed_attention(qkv, s, e, heads)
+    ref = []
+    x = qkv.float()
+    for b in range(len(lens)):
+        q, k, v = (x[cu[b]:cu[b + 1], j * heads * d:(j + 1) * heads * d].view(-1, heads, d).transpose(0, 1) for j in range(3))
+        ref.append(F.scaled_dot_product_attention(q, k, v).transpose(0, 1).reshape(-1, heads * d))
+    results.append({"check": "triton packed-window attention bf16 vs per-seq SDPA fp32", "rel_err": rel(got, torch.cat(ref))})
+    N, S = 768, 20
+    xx, rr = (torch.randn(T, N, device=device, dtype=torch.bfloat16) for _ in range(2))
+    w, b = torch.randn(N, device=device, dtype=torch.bfloat16), torch.randn(N, device=device, dtype=torch.bfloat16)
+    t0, t1 = 100, T - 50
+    slots = torch.randint(0, S, (t1 - t0,), device=device)
+    dw, db = (torch.randn(S, 3, N, device=device, dtype=torch.bfloat16)[:, 1] * 0.1 for _ in range(2))
+    got = add_layer_norm(xx, rr, w, b, 1e-12, (t0, t1, slots, dw, db))
+    pre = xx.float() + rr.float()
+    want = F.layer_norm(pre, (N,), w.float(), b.float(), 1e-12)
+    want[t0:t1] = F.layer_norm(pre[t0:t1], (N,), eps=1e-12) * (w.float() + dw.float()[slots]) + (b.float() + db.float()[slots])
+    results.append({"check": "triton add+layernorm with per-row gamma/beta deltas", "rel_err": rel(got, want)})
+    y = torch.randn(T, 3072, device=device, dtype=torch.bfloat16)
+    sc, bi = (torch.randn(S, 3072, device=device, dtype=torch.bfloat16) for _ in range(2))
+    want = y.float().clone()
+    want[t0:t1] = want[t0:t1] * sc.float()[slots] + bi.float()[slots]
+    want = F.gelu(want, approximate="tanh")
+    got = rows_affine_(y.clone(), t0, t1, slots, sc, bi, "gelu_tanh")
+    results.append({"check": "triton row scale+bias+gelu (BitFit/IA3 epilogue)", "rel_err": rel(got, want)})
+    # LoRA expand written into the GEMM output, GEMM accumulates (beta = 1).
+    K, R, members = 768, 16, 2
+    slots_l = sorted(rng.integers(0, S, size=len(lens)).tolist())
+    seg = _segments(lens, slots_l, device, True)
+    A = (torch.randn(S, R, K, device=device) * 0.05).to(torch.bfloat16)
+    B = (torch.randn(S, members, N, R // members, device=device) * 0.05).to(torch.bfloat16)
+    W = (torch.randn(3 * N, K, device=device) * 0.03).to(torch.bfloat16)
+    bias = torch.randn(3 * N, device=device, dtype=torch.bfloat16)
+    xin = torch.randn(T, K, device=device, dtype=torch.bfloat16)
+    xa = sgmv_shrink(xin, A, seg.tiles, seg.n_tiles)
+    out = torch.empty(T, 3 * N, device=device, dtype=torch.bfloat16)
+    sgmv_expand_init(xa, B, seg.tiles, seg.n_tiles, out, [0, 2 * N], bias)
+    out.addmm_(xin, W.t())
+    want = torch.addmm(bias.float(), xin.float(), W.float().t())
+    seg_c = _segments(lens, slots_l, "cpu", False)
+    xa_c = segmented.shrink(xin.float().cpu(), A.float().cpu(), seg_c)
+    want = want.cpu()
+    segmented.expand_add(xa_c, B.float().cpu(), seg_c, want, [0, 2 * N])
+    results.append({"check": "LoRA expand-into-GEMM (init + addmm_) vs torch fp32", "rel_err": rel(out, want)})
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -148,6 +208,12 @@ def main():
     if args.device != "cpu" and triton_available():
         kernel_checks(args.device, results)
         norm_check(args.device, results)
+        try:
+            new_kernel_checks(args.device, results)
+        except Exception as exc:  # report, never hide
+            import traceback
+            traceback.print_exc()
+            results.append({"check": f"new kernel checks crashed: {exc!r}"[:200], "rel_err": float("inf")})
     else:
         print("kernel checks skipped (no CUDA/Triton)")
     engine_checks(args.device, args.small, results)

@@ -82,7 +82,11 @@ class Cluster:
         return w
 
     def replace_worker(self, i: int, **extra: str) -> WorkerProcess:
-        """A fresh process in slot i (same worker id: a restart), started and ready."""
+        """A fresh process in slot i (same worker id: a restart), started and ready. A previous
+        process still running there is stopped first (SIGTERM: a clean hand-back)."""
+        old = self.workers[i]
+        if old.proc is not None and old.proc.poll() is None:
+            old.terminate(60)
         self.workers[i] = self._worker(i, **extra)
         return self.workers[i].start()
 

@@ -7,6 +7,8 @@ SDPA with a key-padding mask, unpad.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -16,6 +18,13 @@ except ImportError:  # pragma: no cover - older torch on the GPU box
     _varlen_attn = None
 
 _mode: str | None = None  # which CUDA varlen path works here, decided on first use
+
+# Variable lengths on CUDA (bf16/fp16): "triton" = packed-window kernel (kernels/triton_attn.py,
+# query tiles shared across short sequences), "flash" = torch's flash varlen, "auto" = time both on
+# the first varlen batch and keep the faster (FLOCK_VARLEN_ATTN overrides).
+VARLEN_IMPL = os.environ.get("FLOCK_VARLEN_ATTN", "auto")
+_choice: str | None = None
+choice_timings: dict = {}  # ms per call measured by "auto" (reported by bench/engine.py)
 
 
 def packed_attention(qkv: torch.Tensor, plan, heads: int) -> torch.Tensor:
@@ -29,11 +38,72 @@ def packed_attention(qkv: torch.Tensor, plan, heads: int) -> torch.Tensor:
         if B * L == T:  # all sequences equally long: a plain dense batch
             qb, kb, vb = (t.view(B, L, heads, d).transpose(1, 2) for t in (q, k, v))
             return F.scaled_dot_product_attention(qb, kb, vb).transpose(1, 2).reshape(T, h)
-        if qkv.dtype in (torch.float16, torch.bfloat16) and _mode != "padded":
-            out = _cuda_varlen(q, k, v, plan.cu_seqlens, L)
-            if out is not None:
-                return out.reshape(T, h)
+        if qkv.dtype in (torch.float16, torch.bfloat16):
+            impl = _pick(qkv, q, k, v, plan, heads, L)
+            if impl == "triton":
+                return _triton_varlen(qkv, plan, heads)
+            if _mode != "padded":
+                out = _cuda_varlen(q, k, v, plan.cu_seqlens, L)
+                if out is not None:
+                    return out.reshape(T, h)
+    elif _interpret_ok():  # tests: the Triton kernel on CPU through the interpreter
+        return _triton_varlen(qkv, plan, heads)
     return _padded_attention(q, k, v, plan, heads, d)
+
+
+def _interpret_ok() -> bool:
+    from workers.engine.kernels import interpret, triton_available
+    return interpret() and triton_available() and VARLEN_IMPL != "flash"
+
+
+def _seq_bounds(plan):
+    """[start, end) token range of each token's sequence (device, cached on the plan)."""
+    se = getattr(plan, "_attn_se", None)
+    if se is None:
+        cu = plan.cu_seqlens.long()
+        se = plan._attn_se = (cu.index_select(0, plan.tok_seq), cu.index_select(0, plan.tok_seq + 1))
+    return se
+
+
+def _triton_varlen(qkv, plan, heads):
+    from workers.engine.kernels.triton_attn import packed_attention as tri
+    s, e = _seq_bounds(plan)
+    return tri(qkv, s, e, heads)
+
+
+def _pick(qkv, q, k, v, plan, heads, L) -> str:
+    """Which varlen kernel to use; "auto" times both once (first varlen batch) and keeps the faster."""
+    global _choice
+    from workers.engine.kernels import triton_available
+    if VARLEN_IMPL == "flash" or not triton_available():
+        return "flash"
+    if VARLEN_IMPL == "triton":
+        return "triton"
+    if _choice is None:
+        fns = {"triton": lambda: _triton_varlen(qkv, plan, heads)}
+        if _mode != "padded":
+            fns["flash"] = lambda: _cuda_varlen(q, k, v, plan.cu_seqlens, L)
+        times = {}
+        for name, fn in fns.items():
+            try:
+                fn()
+                fn()
+                torch.cuda.synchronize()
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                for _ in range(5):
+                    fn()
+                b.record()
+                b.synchronize()
+                times[name] = a.elapsed_time(b) / 5
+            except Exception as exc:  # a kernel that does not build here is simply not chosen
+                times[name] = float("inf")
+                choice_timings[name + "_error"] = repr(exc)[:200]
+        if "flash" in times and _mode == "padded":
+            times["flash"] = float("inf")
+        choice_timings.update(times)
+        _choice = min(times, key=times.get) if times.get("triton", float("inf")) < float("inf") else "flash"
+    return _choice
 
 
 def _cuda_varlen(q, k, v, cu, L):

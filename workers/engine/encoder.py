@@ -6,9 +6,15 @@ import torch
 import torch.nn.functional as F
 
 from workers.engine.attention import packed_attention
-from workers.engine.kernels import triton_available
+import os
+
+from workers.engine.kernels import interpret, triton_available
 from workers.engine.model_loading import BaseWeights
 from workers.engine.pets import adapter, bitfit, ia3, lora, sparse
+
+# Measured on H200 (BERT-base, 10k LoRA r8): the beta=1 GEMM costs +100 us per QKV call, as much as
+# the read-modify-write it saves, so it is off by default (bench/engine.py times both).
+LORA_INTO_GEMM = os.environ.get("FLOCK_LORA_INTO_GEMM", "0") == "1"
 
 _ACT = {"gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"), "relu": F.relu}
 
@@ -23,9 +29,13 @@ class Encoder:
         # CUDA low-precision fast path: GELU fused into the FFN-in GEMM epilogue (cuBLASLt, tanh
         # approximation: differs from erf-GELU by < 1e-3, below bf16 resolution) and fused residual
         # add + LayerNorm in Triton. Exact torch ops otherwise (CPU, fp32, tests).
-        self.fast = (self.device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
-                     and triton_available())
+        # TRITON_INTERPRET=1 runs the same fast path on CPU (numpy interpreter) so tests cover it.
+        self.fast = ((self.device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)) or
+                     (interpret() and self.device.type == "cpu")) and triton_available()
         self.fast_gelu = self.fast and base.activation in ("gelu", "gelu_tanh")
+        # LoRA on the fast path: the expand writes bias + delta into the GEMM's output buffer and the
+        # base GEMM accumulates into it (beta = 1): no read-modify-write pass over q|v after the GEMM.
+        self.lora_into_gemm = self.fast and LORA_INTO_GEMM
 
     def embed(self, plan) -> torch.Tensor:
         b = self.base
@@ -35,12 +45,35 @@ class Encoder:
             x = x + (b.type_emb.index_select(0, tt) if tt is not None else b.type_emb[0])
         return F.layer_norm(x, (x.shape[-1],), b.emb_ln_w, b.emb_ln_b, b.eps)
 
-    def _linear(self, plan, i: int, group: str, lw, x: torch.Tensor, y: torch.Tensor) -> None:
+    def _gemm(self, plan, i: int, group: str, lw, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """y = x w^T + b plus every PET group's delta for this site group."""
+        lg = [g for g in plan.groups if g.pet_type == "lora" and g.bank.get(f"A.{group}") is not None] \
+            if self.lora_into_gemm else []
+        if not lg or not lora.can_init(lg, group):
+            y = torch.addmm(b, x, w.t())
+            self._linear(plan, i, group, lw, x, y)
+            return y
+        T = x.shape[0]
+        y = torch.empty(T, w.shape[0], device=x.device, dtype=x.dtype)
+        covered = sorted((g.seg.t0, g.seg.t1) for g in lg)
+        t = 0
+        for t0, t1 in covered + [(T, T)]:
+            if t0 > t:  # rows of no LoRA group: bias only
+                y[t:t0].copy_(b.expand(t0 - t, -1))
+            t = max(t, t1)
+        for g in lg:
+            lora.apply_init(g, i, group, x, y, b)
+        y.addmm_(x, w.t())
+        self._linear(plan, i, group, lw, x, y, skip_lora=True)
+        return y
+
+    def _linear(self, plan, i: int, group: str, lw, x: torch.Tensor, y: torch.Tensor, skip_lora=False) -> None:
         """Add every PET group's delta for one linear site group (each touches only its rows)."""
         for g in plan.groups:
             t = g.pet_type
             if t == "lora":
-                lora.apply(g, i, group, x, y)
+                if not skip_lora:
+                    lora.apply(g, i, group, x, y)
             elif t == "bitfit":
                 bitfit.apply_bias(g, i, group, y)
             elif t == "diff":
@@ -49,18 +82,26 @@ class Encoder:
                 sparse.apply_mask(g, i, group, x, y, lw, self.dims)
 
     def _add_layer_norm(self, plan, i, ln_site, x, o, w, b):
-        if self.fast and not any(g.pet_type == "bitfit" for g in plan.groups):
-            from workers.engine.kernels.triton_norm import add_layer_norm
-            return add_layer_norm(o, x, w, b, self.base.eps)
+        if self.fast:
+            bf = [g for g in plan.groups if g.pet_type == "bitfit"]
+            if len(bf) <= 1:  # BitFit gamma/beta deltas: per-row affine inside the fused kernel
+                from workers.engine.kernels.triton_norm import add_layer_norm
+                delta = bitfit.ln_delta(bf[0], i, ln_site) if bf else None
+                return add_layer_norm(o, x, w, b, self.base.eps, delta)
         return self._layer_norm(plan, i, ln_site, x + o, w, b)
 
     def _ffn_in(self, plan, i, lw, x):
-        touched = any(g.pet_type in ("bitfit", "diff", "maskbert") or
+        touched = any(g.pet_type in ("diff", "maskbert") or
                       (g.pet_type == "lora" and g.bank.get("A.ffn_in") is not None) for g in plan.groups)
+        bf = [g for g in plan.groups if g.pet_type == "bitfit"]
         if self.fast_gelu and not touched:
-            return torch._addmm_activation(lw.bi, x, lw.wi.t(), use_gelu=True)
-        f = torch.addmm(lw.bi, x, lw.wi.t())
-        self._linear(plan, i, "ffn_in", lw, x, f)
+            if not bf:
+                return torch._addmm_activation(lw.bi, x, lw.wi.t(), use_gelu=True)
+            if len(bf) == 1:  # BitFit ffn_in bias deltas + GELU in one row-wise pass
+                f = torch.addmm(lw.bi, x, lw.wi.t())
+                bitfit.apply_bias(bf[0], i, "ffn_in", f, act="gelu_tanh")
+                return f
+        f = self._gemm(plan, i, "ffn_in", lw, x, lw.wi, lw.bi)
         return self.act(f)
 
     def _layer_norm(self, plan, i, ln_site, pre, w, b):
@@ -87,18 +128,15 @@ class Encoder:
         x = self.embed(plan)
         for i, lw in enumerate(self.base.layers):
             plan.wait_layer(i)
-            qkv = torch.addmm(lw.bqkv, x, lw.wqkv.t())
-            self._linear(plan, i, "qkv", lw, x, qkv)
+            qkv = self._gemm(plan, i, "qkv", lw, x, lw.wqkv, lw.bqkv)
             self._ia3(plan, i, "qkv", qkv)
             ctx = packed_attention(qkv, plan, heads)
-            o = torch.addmm(lw.bo, ctx, lw.wo.t())
-            self._linear(plan, i, "attn_out", lw, ctx, o)
+            o = self._gemm(plan, i, "attn_out", lw, ctx, lw.wo, lw.bo)
             self._adapters(plan, i, "attn", o)
             x = self._add_layer_norm(plan, i, "attn_ln", x, o, lw.ln1_w, lw.ln1_b)
             f = self._ffn_in(plan, i, lw, x)
             self._ia3(plan, i, "ffn_act", f)
-            o2 = torch.addmm(lw.bo2, f, lw.wo2.t())
-            self._linear(plan, i, "ffn_out", lw, f, o2)
+            o2 = self._gemm(plan, i, "ffn_out", lw, f, lw.wo2, lw.bo2)
             self._adapters(plan, i, "ffn", o2)
             x = self._add_layer_norm(plan, i, "ffn_ln", x, o2, lw.ln2_w, lw.ln2_b)
         plan.wait_layer(len(self.base.layers))  # heads

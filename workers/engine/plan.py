@@ -137,21 +137,25 @@ def _pad_index(lens: list[int], max_len: int, base: int = 0):
     return idx, valid
 
 
-def _tiles(lens: list[int], slots: list[int]):
-    """Merge consecutive same-slot sequences into segments and cut them into TILE_M-token tiles."""
-    starts, ends, tslots = [], [], []
-    t, i, n = 0, 0, len(lens)
-    while i < n:
-        j, seg_end = i, t
-        while j < n and slots[j] == slots[i]:
-            seg_end += lens[j]
-            j += 1
-        for s in range(t, seg_end, TILE_M):
-            starts.append(s)
-            ends.append(min(s + TILE_M, seg_end))
-            tslots.append(slots[i])
-        t, i = seg_end, j
-    return np.array([starts, ends, tslots], dtype=np.int64)
+def _tiles(lens, slots):
+    """Merge consecutive same-slot sequences into segments and cut them into TILE_M-token tiles
+    (vectorised: no Python loop per sequence or tile)."""
+    lens = np.asarray(lens, dtype=np.int64)
+    slots = np.asarray(slots, dtype=np.int64)
+    if lens.size == 0:
+        return np.zeros((3, 0), dtype=np.int64)
+    new_seg = np.ones(lens.size, dtype=bool)
+    new_seg[1:] = slots[1:] != slots[:-1]
+    first = np.nonzero(new_seg)[0]
+    seg_len = np.add.reduceat(lens, first)
+    seg_end = np.cumsum(seg_len)
+    seg_start = seg_end - seg_len
+    n_t = -(-seg_len // TILE_M)
+    seg_of_tile = np.repeat(np.arange(first.size), n_t)
+    within = np.arange(int(n_t.sum())) - np.repeat(np.cumsum(n_t) - n_t, n_t)
+    starts = seg_start[seg_of_tile] + within * TILE_M
+    ends = np.minimum(starts + TILE_M, seg_end[seg_of_tile])
+    return np.stack([starts, ends, slots[first][seg_of_tile]]).astype(np.int64)
 
 
 def build_plan(input_ids: torch.Tensor, token_type_ids: torch.Tensor | None, cu_seqlens: torch.Tensor,
@@ -174,7 +178,8 @@ def build_plan(input_ids: torch.Tensor, token_type_ids: torch.Tensor | None, cu_
     T, B, max_len = int(new_cu[-1]), len(lens), max(lens)
 
     ids_np = input_ids.numpy() if isinstance(input_ids, torch.Tensor) else np.asarray(input_ids)
-    tok_perm = np.concatenate([np.arange(cu[b], cu[b + 1]) for b in order])
+    old_start = np.asarray(cu, dtype=np.int64)[:-1][order]
+    tok_perm = np.repeat(old_start - new_cu[:-1], lens) + np.arange(int(new_cu[-1]), dtype=np.int64)
     pk = IndexPacker()
     h_ids = pk.add(ids_np.astype(np.int64)[tok_perm])
     h_tt = pk.add(token_type_ids.numpy().astype(np.int64)[tok_perm]) if token_type_ids is not None else None

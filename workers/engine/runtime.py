@@ -26,7 +26,7 @@ from workers.engine import heads
 from workers.engine.batch import PackedBatch, RequestOutput
 from workers.engine.encoder import Encoder
 from workers.engine.errors import BatchError, EngineError
-from workers.engine.kernels import triton_available
+from workers.engine.kernels import interpret, triton_available
 from workers.engine.model_loading import load_base
 from workers.engine.plan import build_plan
 from workers.engine.pool import AdapterPool, Loader, PoolConfig, Resident
@@ -70,7 +70,7 @@ class Engine:
         self._cuda = self.device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(self.device) if self._cuda else None
         self.compute_stream = torch.cuda.Stream(self.device) if self._cuda else None
-        self._want_tiles = self._cuda and triton_available()
+        self._want_tiles = (self._cuda or interpret()) and triton_available()
         self._inbox: queue.Queue = queue.Queue()
         self._outbox: queue.Queue = queue.Queue()
         self._slots = threading.Semaphore(max_inflight)

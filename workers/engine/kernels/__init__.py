@@ -13,6 +13,11 @@ def triton_available() -> bool:
     try:
         import torch
         import triton  # noqa: F401
-        return torch.cuda.is_available()
+        return torch.cuda.is_available() or interpret()
     except Exception:
         return False
+
+
+def interpret() -> bool:
+    """TRITON_INTERPRET=1: run the Triton fast path on CPU tensors (numpy interpreter; tests only)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"

@@ -9,12 +9,15 @@ of ranks beyond the bank's bucket.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 from workers.engine.plan import TILE_M
 
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 ACT_CODES = {"none": 0, "relu": 1, "gelu": 2, "tanh": 3}
 _cols_cache: dict = {}
 
@@ -41,7 +44,7 @@ def _configs(names, grid):
 
 # Tuned once per shape on first use; the expand adds into y in place, so autotuning restores it.
 @triton.autotune(configs=_configs(["BLOCK_K"], [(64, 128), (4, 8), (2, 3)]), key=["K", "R"])
-@triton.jit
+@triton.jit(do_not_specialize=["n_tiles"])
 def _shrink_kernel(x_ptr, w_ptr, b_ptr, out_ptr, tiles_ptr, n_tiles,
                    stride_xm, stride_ws, stride_wr, stride_bs, stride_om, K, R,
                    HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
@@ -72,7 +75,7 @@ def _shrink_kernel(x_ptr, w_ptr, b_ptr, out_ptr, tiles_ptr, n_tiles,
 
 @triton.autotune(configs=_configs(["BLOCK_N"], [(64, 128, 256), (4, 8), (1, 2)]), key=["N", "RB"],
                  restore_value=["y_ptr"])
-@triton.jit
+@triton.jit(do_not_specialize=["n_tiles"])
 def _expand_kernel(xa_ptr, w_ptr, b_ptr, y_ptr, cols_ptr, tiles_ptr, n_tiles,
                    stride_xm, stride_ws, stride_wm, stride_wn, stride_bs, stride_bm, stride_ym,
                    N, RB,
@@ -126,9 +129,10 @@ def sgmv_shrink(x: torch.Tensor, A: torch.Tensor, tiles: torch.Tensor, n_tiles: 
     br = _pow2(R, 16, 64)
     b = bias if bias is not None else A
     grid = (n_tiles, triton.cdiv(R, br))
-    _shrink_kernel[grid](x, A, b, out, tiles, n_tiles, x.stride(0), A.stride(0), A.stride(1),
-                         b.stride(0), out.stride(0), K, R, HAS_BIAS=bias is not None, ACT=ACT_CODES[act],
-                         BLOCK_M=TILE_M, BLOCK_R=br)
+    kern, kw = (_shrink_kernel.fn, {"BLOCK_K": 32}) if INTERPRET else (_shrink_kernel, {})
+    kern[grid](x, A, b, out, tiles, n_tiles, x.stride(0), A.stride(0), A.stride(1),
+               b.stride(0), out.stride(0), K, R, HAS_BIAS=bias is not None, ACT=ACT_CODES[act],
+               BLOCK_M=TILE_M, BLOCK_R=br, **kw)
     return out
 
 
@@ -148,7 +152,83 @@ def sgmv_expand_add(xa: torch.Tensor, B: torch.Tensor, tiles: torch.Tensor, n_ti
 
     def grid(meta):
         return (n_tiles, members * triton.cdiv(N, meta["BLOCK_N"]))
-    _expand_kernel[grid](
+    kern, kw = (_expand_kernel.fn, {"BLOCK_N": 32}) if INTERPRET else (_expand_kernel, {})
+    kern[grid](
         xa, B, b, y, cols_t, tiles, n_tiles, xa.stride(0), B.stride(0), B.stride(1), B.stride(2), sbs, sbm,
         y.stride(0), N, RB, HAS_BIAS=bias is not None, COLS_ALIGNED=all(c % 16 == 0 for c in cols),
-        BLOCK_M=TILE_M, BLOCK_R=_pow2(RB, 16, 64))
+        BLOCK_M=TILE_M, BLOCK_R=_pow2(RB, 16, 64), **kw)
+
+
+def _init_prune(configs, named_args, **kwargs):
+    n = named_args["N"]
+    ok = [c for c in configs if n % c.kwargs["BLOCK_N"] == 0]
+    return ok or configs[:1]
+
+
+@triton.autotune(configs=_configs(["BLOCK_N"], [(32, 64, 128, 256), (4, 8), (2,)]), key=["N", "NY", "RB"],
+                 prune_configs_by={"early_config_prune": _init_prune})
+@triton.jit(do_not_specialize=["n_tiles"])
+def _expand_init_kernel(xa_ptr, w_ptr, bias_ptr, y_ptr, sec_ptr, tiles_ptr, n_tiles,
+                        stride_xm, stride_ws, stride_wm, stride_wn, stride_ym, N, NY, RB,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """y[rows, :] = bias + (xa[:, member] @ B[slot, member]^T in the member's column section).
+    Writes every column of its rows (no read of y): the base GEMM then accumulates into it (beta=1)."""
+    pid = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    start = tl.load(tiles_ptr + pid)
+    end = tl.load(tiles_ptr + n_tiles + pid)
+    slot = tl.load(tiles_ptr + 2 * n_tiles + pid)
+    rows = start + tl.arange(0, BLOCK_M)
+    rmask = rows < end
+    c0 = pid_n * BLOCK_N
+    section = c0 // N  # BLOCK_N divides N: a block lies in one section
+    member = tl.load(sec_ptr + section)
+    nn = c0 - section * N + tl.arange(0, BLOCK_N)
+    yc = c0 + tl.arange(0, BLOCK_N)
+    cmask = yc < NY
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if member >= 0:
+        w_base = w_ptr + slot * stride_ws + member * stride_wm
+        for r0 in range(0, RB, BLOCK_R):
+            rr = r0 + tl.arange(0, BLOCK_R)
+            rmr = rr < RB
+            xa = tl.load(xa_ptr + rows[:, None] * stride_xm + (member * RB + rr)[None, :],
+                         mask=rmask[:, None] & rmr[None, :], other=0.0)
+            w = tl.load(w_base + nn[:, None] * stride_wn + rr[None, :], mask=cmask[:, None] & rmr[None, :], other=0.0)
+            acc += tl.dot(xa, tl.trans(w))
+    acc += tl.load(bias_ptr + yc, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rows.to(tl.int64)[:, None] * stride_ym + yc[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=rmask[:, None] & cmask[None, :])
+
+
+_sec_cache: dict = {}
+
+
+def sgmv_expand_init(xa: torch.Tensor, B: torch.Tensor, tiles: torch.Tensor, n_tiles: int, y: torch.Tensor,
+                     cols: list[int], base_bias: torch.Tensor) -> None:
+    """y[rows] = base_bias + LoRA delta (members at columns cols[m], each B.shape[2] wide); y [n, NY]
+    covers the group's rows only; every column is written. B [slots, M, N, RB]."""
+    assert xa.stride(-1) == 1 and B.stride(-1) == 1 and y.stride(-1) == 1
+    if n_tiles == 0:
+        return
+    members, N, RB = B.shape[1], B.shape[2], B.shape[3]
+    NY = y.shape[1]
+    assert NY % N == 0 and all(c % N == 0 for c in cols)
+    key = (tuple(cols), N, NY, y.device)
+    sec = _sec_cache.get(key)
+    if sec is None:
+        m = [-1] * (NY // N)
+        for i, c in enumerate(cols):
+            m[c // N] = i
+        sec = _sec_cache[key] = torch.tensor(m, dtype=torch.int64, device=y.device)
+
+    def grid(meta):
+        return (n_tiles, triton.cdiv(NY, meta["BLOCK_N"]))
+    args = (xa, B, base_bias, y, sec, tiles, n_tiles, xa.stride(0), B.stride(0), B.stride(1), B.stride(2),
+            y.stride(0), N, NY, RB)
+    br = _pow2(RB, 16, 64)
+    if INTERPRET:
+        bn = next(b for b in (64, 32, 16, 8) if N % b == 0)
+        _expand_init_kernel.fn[grid](*args, BLOCK_M=TILE_M, BLOCK_N=bn, BLOCK_R=br)
+    else:
+        _expand_init_kernel[grid](*args, BLOCK_M=TILE_M, BLOCK_R=br)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from workers.adapters.layout import LAYERNORM_SITES, LINEAR_SITES, BaseDims
 from workers.engine.bank import BankLayout, SlotSpec
 from workers.engine.batch import TenantDelta
+from workers.engine.pets import segmented
 from workers.engine.pets.common import GROUPS, SITE_GROUP, group_out, layers_of, site_col
 
 
@@ -39,9 +40,22 @@ def slot_tensors(delta: TenantDelta, t: dict[str, torch.Tensor], dims: BaseDims,
     return out
 
 
-def apply_bias(group, layer: int, site_group: str, y: torch.Tensor) -> None:
+def apply_bias(group, layer: int, site_group: str, y: torch.Tensor, act: str = "none") -> None:
+    """y[rows] += bias delta[slot]; act (fast path only: "gelu_tanh") then runs on every row of y."""
     seg = group.seg
-    y[seg.t0:seg.t1] += group.bank.get(f"bias.{site_group}")[:, layer].index_select(0, seg.tok_slots)
+    bias = group.bank.get(f"bias.{site_group}")[:, layer]
+    if segmented.use_triton(y, seg):  # gathered in the kernel, no [rows, cols] bias tensor
+        from workers.engine.kernels.triton_norm import rows_affine_
+        rows_affine_(y, seg.t0, seg.t1, seg.tok_slots, bias=bias, act=act)
+        return
+    assert act == "none"
+    y[seg.t0:seg.t1] += bias.index_select(0, seg.tok_slots)
+
+
+def ln_delta(group, layer: int, ln_site: str):
+    """(t0, t1, tok_slots, d_gamma, d_beta) for the fused add + LayerNorm kernel."""
+    seg, bank = group.seg, group.bank
+    return (seg.t0, seg.t1, seg.tok_slots, bank.get(f"{ln_site}.weight")[:, layer], bank.get(f"{ln_site}.bias")[:, layer])
 
 
 def layer_norm(group, layer: int, ln_site: str, pre: torch.Tensor, out: torch.Tensor,

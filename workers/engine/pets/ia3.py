@@ -9,6 +9,7 @@ import torch
 from workers.adapters.layout import BaseDims
 from workers.engine.bank import BankLayout, SlotSpec
 from workers.engine.batch import TenantDelta
+from workers.engine.pets import segmented
 from workers.engine.pets.common import layers_of, site_col
 
 
@@ -36,4 +37,9 @@ def slot_tensors(delta: TenantDelta, t: dict[str, torch.Tensor], dims: BaseDims,
 def apply_scale(group, layer: int, name: str, y: torch.Tensor) -> None:
     """name: "qkv" (k, v scales) or "ffn_act" (intermediate activation)."""
     seg = group.seg
-    y[seg.t0:seg.t1] *= group.bank.get(f"scale.{name}")[:, layer].index_select(0, seg.tok_slots)
+    scale = group.bank.get(f"scale.{name}")[:, layer]
+    if segmented.use_triton(y, seg):  # gathered in the kernel, no [rows, cols] scale tensor
+        from workers.engine.kernels.triton_norm import rows_affine_
+        rows_affine_(y, seg.t0, seg.t1, seg.tok_slots, scale=scale)
+        return
+    y[seg.t0:seg.t1] *= scale.index_select(0, seg.tok_slots)

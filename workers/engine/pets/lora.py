@@ -63,3 +63,24 @@ def apply(group, layer: int, site_group: str, x: torch.Tensor, y: torch.Tensor) 
     xs, ys = x[seg.t0:seg.t1], y[seg.t0:seg.t1]
     xa = segmented.shrink(xs, A[:, layer], seg)
     segmented.expand_add(xa, bank.get(f"B.{site_group}")[:, layer], seg, ys, bank.extra["cols"][site_group])
+
+
+def can_init(groups, site_group: str) -> bool:
+    """Whether these groups can write bias + delta before the base GEMM accumulates (Triton path)."""
+    for g in groups:
+        seg = g.seg
+        if seg.tiles is None or not segmented.triton_ok():
+            return False
+        B = g.bank.get(f"B.{site_group}")
+        if any(c % B.shape[2] for c in g.bank.extra["cols"][site_group]):
+            return False
+    return True
+
+
+def apply_init(group, layer: int, site_group: str, x: torch.Tensor, y: torch.Tensor, base_bias: torch.Tensor) -> None:
+    """y[group rows] = base_bias + LoRA delta (every column written); the base GEMM adds x W^T after."""
+    from workers.engine.kernels.triton_lora import sgmv_expand_init
+    bank, seg = group.bank, group.seg
+    xa = segmented.shrink(x[seg.t0:seg.t1], bank.get(f"A.{site_group}")[:, layer], seg)
+    sgmv_expand_init(xa, bank.get(f"B.{site_group}")[:, layer], seg.tiles, seg.n_tiles, y[seg.t0:seg.t1],
+                     bank.extra["cols"][site_group], base_bias)

@@ -13,13 +13,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from workers.engine.kernels import triton_available
+from workers.engine.kernels import interpret, triton_available
 
 _ACTS = {"none": lambda t: t, "relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh}
 
 
+def triton_ok() -> bool:
+    return triton_available()
+
+
 def use_triton(x: torch.Tensor, seg) -> bool:
-    return x.is_cuda and seg.tiles is not None and triton_available()
+    """Triton kernels when the plan carries tile maps (CUDA, or CPU under TRITON_INTERPRET=1)."""
+    return seg.tiles is not None and (x.is_cuda or interpret()) and triton_available()
 
 
 def shrink(x: torch.Tensor, A: torch.Tensor, seg, bias: torch.Tensor | None = None,

@@ -44,5 +44,11 @@ demo: setup services
 test: setup services
 	PYTHONUNBUFFERED=1 $(PY) -m pytest $(PYTEST_ARGS)
 
+# The fault-injection suite, full form: kills, restarts and floods the real system; writes
+# .flock/faults/report.md + PNG timelines. (The test command runs its short form.)
+faults: setup services
+	$(VENV)/bin/flockserve db upgrade
+	PYTHONUNBUFFERED=1 $(PY) -m scripts.faults --out .flock/faults
+
 clean: down
 	rm -rf .flock

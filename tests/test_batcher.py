@@ -123,3 +123,13 @@ def test_offsets_commit_only_contiguous_done_prefix(parts, rnd):
         tr.mark_committed(tr.to_commit())
         assert all(tr._parts[p].committed == next_off[p] for p in next_off)
         assert tr.pending() == 0
+
+
+def test_remove_gives_back_one_partitions_queued_work():
+    b = CoordinatedBatcher(BatchPolicy(max_wait_ms=0))
+    for i in range(10):
+        b.add(Pending(f"t{i % 3}", 5, float(i), None, payload=i % 2))  # payload = partition
+    gone = b.remove(lambda p: p.payload == 1)
+    assert len(gone) == 5 and len(b) == 5 and b.queued_tokens == 25
+    batch, _ = b.next_batch(100)
+    assert {p.payload for p in batch} == {0}

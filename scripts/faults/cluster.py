@@ -76,7 +76,9 @@ class Cluster:
         return self
 
     def _worker(self, i: int, **extra: str) -> WorkerProcess:
-        env = {**FAST_CONTROL, "FLOCK_KAFKA_BOOTSTRAP": self.bootstrap, **self.worker_env, **extra}
+        # One consumer group for the whole cluster: a partition's next owner reads its offsets.
+        env = {**FAST_CONTROL, "FLOCK_KAFKA_BOOTSTRAP": self.bootstrap, "FLOCK_CONSUMER_GROUP": f"grp-{self.tag}",
+               **self.worker_env, **extra}
         w = WorkerProcess(self.database_url, self.topics, f"{self.tag}-{i}", **env)
         w.env["FLOCK_WORKER_ID"] = f"{self.tag}-w{i}"
         return w

@@ -45,7 +45,7 @@ class History:
         late = sum(1 for rid, (status, t) in first_reply.items()
                    if rid in self.sent and status == "ok" and self.sent[rid].timeout_s is not None
                    and t - self.sent[rid].t_send > self.sent[rid].timeout_s)
-        statuses = Counter(status for _, (status, _) in first_reply.items() if _ in self.sent)
+        statuses = Counter(status for rid, (status, _t) in first_reply.items() if rid in self.sent)
         lat = sorted((first_reply[rid][1] - self.sent[rid].t_send) * 1000 for rid in acked if rid in first_reply)
         during = []
         for _, start, end in self.faults:

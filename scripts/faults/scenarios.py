@@ -113,20 +113,35 @@ def postgres_outage(ctx: Ctx) -> dict:
 
 # ---------------------------------------------------------------- control plane
 def handover(ctx: Ctx) -> dict:
+    """Warm hand-overs under load: drain one worker (all its partitions move), undo the drain and
+    let the rebalancer move partitions back."""
     cluster = _cluster(ctx, f"fho{int(time.time()) % 10**6}", workers=3)
     try:
         async def fault(h: History) -> str:
             import subprocess
             import sys
             env = cluster.managers[0].env
-            moved = 0
-            for _ in range(2):
-                p = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "workers.cli", "rebalance",
-                                                             "--apply", "--force", "--json"],
-                                            env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
-                moved += p.stdout.count('"partition"')
-                await asyncio.sleep(ctx.seconds(8, 4))
-            return f"rebalance --apply issued twice ({moved} moves planned)"
+            victim = cluster.workers[0].env["FLOCK_WORKER_ID"]
+            before = await asyncio.to_thread(cluster.leased)
+            cli = [sys.executable, "-m", "workers.cli"]
+            await asyncio.to_thread(subprocess.run, cli + ["worker", "drain", victim], env=env,
+                                    capture_output=True, stdin=subprocess.DEVNULL, check=True)
+            t = time.monotonic()
+            while time.monotonic() - t < 30:
+                owners = await asyncio.to_thread(cluster.leased)
+                if owners and victim not in owners.values():
+                    break
+                await asyncio.sleep(0.3)
+            drained = await asyncio.to_thread(cluster.leased)
+            moved = sum(1 for p, w in before.items() if drained.get(p) != w)
+            await asyncio.to_thread(subprocess.run, cli + ["worker", "drain", victim, "--undo"], env=env,
+                                    capture_output=True, stdin=subprocess.DEVNULL, check=True)
+            await asyncio.to_thread(subprocess.run, cli + ["rebalance", "--apply", "--force"], env=env,
+                                    capture_output=True, stdin=subprocess.DEVNULL)
+            await asyncio.sleep(ctx.seconds(8, 4))
+            after = await asyncio.to_thread(cluster.leased)
+            back = sum(1 for p, w in drained.items() if after.get(p) != w)
+            return f"drain moved {moved} partitions in {time.monotonic() - t:.1f}s; rebalance moved {back} back"
 
         h, notes = asyncio.run(_run_with_load(ctx, cluster, "hand-over", fault, rate=40,
                                               seconds=ctx.seconds(45, 22), at=4))
@@ -166,17 +181,18 @@ def flood(ctx: Ctx) -> dict:
                        worker_env={"FLOCK_PARTITION_HIGH_WATER": str(high), "FLOCK_PARTITION_LOW_WATER": "20"})
     try:
         async def fault(h: History) -> str:
-            return "offered ~10x capacity with 4 s deadlines"
+            return "offered several times capacity with 2 s deadlines"
 
-        h, _ = asyncio.run(_run_with_load(ctx, cluster, "flood", fault, rate=ctx.seconds(600, 400),
-                                          seconds=ctx.seconds(20, 8), at=0.5, timeout_s=4.0, answer_timeout=240))
+        h, _ = asyncio.run(_run_with_load(ctx, cluster, "flood", fault, rate=ctx.seconds(1500, 1200),
+                                          seconds=ctx.seconds(20, 6), at=0.5, timeout_s=2.0, answer_timeout=240))
         peaks = [w.metric("flock_inflight_requests_peak") or 0 for w in cluster.workers]
         rss = [_rss_mb(w.proc.pid) for w in cluster.workers]
     finally:
         cluster.teardown()
     bound = 2 * high * cluster.partitions
-    notes = (f"peak unreplied per worker {max(peaks):.0f} (bound {bound}); worker RSS {max(rss):.0f} MB; "
-             f"expired={h.check()['statuses'].get('expired', 0)}")
+    r = h.check()
+    notes = (f"offered {r['sent'] / ctx.seconds(20, 6):.0f} req/s; peak unreplied per worker {max(peaks):.0f} "
+             f"(bound {bound}); worker peak RSS {max(rss):.0f} MB; expired={r['statuses'].get('expired', 0)}")
     return _row("flood beyond capacity", h, notes, bounded=max(peaks) <= bound)
 
 
@@ -197,18 +213,21 @@ def poison_inputs(ctx: Ctx) -> dict:
     seconds = ctx.seconds(40, 15)
     rate = 40.0
     per_good = max(1, round(n_poison / (rate * seconds)))
+    made = []
     try:
         def extra(i: int):
-            return [poison(i * per_good + k, rng, cluster.tenants) for k in range(per_good)]
+            batch = [poison(i * per_good + k, rng, cluster.tenants) for k in range(per_good)]
+            made.extend(batch)
+            return batch
 
         async def fault(h: History) -> str:
-            return f"{n_poison} fuzzed records interleaved"
+            return "fuzzed records interleaved with good requests"
 
         h, notes = asyncio.run(_run_with_load(ctx, cluster, "poison", fault, rate=rate, seconds=seconds, at=0,
                                               extra=extra))
     finally:
         cluster.teardown()
-    return _row("poison inputs", h, notes)
+    return _row("poison inputs", h, f"{len(made)} {notes}; {h.poison_to_dlq} owed a DLQ record")
 
 
 def adapter_uploads(ctx: Ctx) -> dict:

@@ -161,6 +161,21 @@ class CoordinatedBatcher:
         order = sorted(self._queues, key=lambda t: self._queues[t][0].urgency_ms)
         return order[:limit]
 
+    def remove(self, pred) -> list[Pending]:
+        """Take out every queued request matching ``pred`` (a partition handed to another worker)."""
+        out = []
+        for tenant in list(self._queues):
+            q = self._queues[tenant]
+            keep = deque(p for p in q if not pred(p))
+            out += [p for p in q if pred(p)]
+            if keep:
+                self._queues[tenant] = keep
+            else:
+                del self._queues[tenant]
+        for p in out:
+            self._remove(p)
+        return out
+
     def drain(self) -> list[Pending]:
         """Everything still queued (shutdown)."""
         out = [p for q in self._queues.values() for p in q]

@@ -28,6 +28,7 @@ from aiokafka.structs import OffsetAndMetadata
 
 from schema.messages import ErrorCode, InferReply, InferRequest, WireError
 from workers.serving.batcher import BatchPolicy, CoordinatedBatcher, Pending
+from workers.serving.fault_hooks import CrashPoints
 from workers.serving.metrics import WorkerMetrics
 from workers.serving.offsets import OffsetTracker
 from workers.serving.replies import dlq_headers, reply_for_output
@@ -100,6 +101,7 @@ class Worker:
         self._inflight = asyncio.Semaphore(cfg.inflight_batches)
         self._tasks: set[asyncio.Task] = set()
         self._paused: set[int] = set()
+        self.crash = CrashPoints.from_env()  # fault-injection suite only; inert by default
         self._peak = 0
         self._topic_ok: dict[str, tuple[bool, float]] = {}
         self._cpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flock-tokenize")
@@ -190,6 +192,7 @@ class Worker:
                 for rec in recs:
                     w = Work(tp.partition, rec.offset, time.monotonic())
                     self.tracker.track(w.partition, w.offset)
+                    self.crash.on_consumed()
                     try:
                         w.request = InferRequest.decode(rec.value)
                     except WireError as exc:
@@ -325,7 +328,9 @@ class Worker:
         log.warning("partition %d dropped: %s", p, why)
 
     async def release_partition(self, p: int) -> bool:
-        """Hand-over, source side: stop fetching p, let its in-flight requests finish, commit.
+        """Hand-over, source side: stop fetching p, give back its queued work, let the batches
+        already at the engine finish, commit. The target resumes at the first request this worker
+        did not answer, so duplicates are bounded by the in-flight batches (not the backlog).
         True when p was still owned and its offsets are committed (then the lease can move);
         the caller ends the hand-over with ``release_done``."""
         if p not in self.owned:
@@ -335,15 +340,19 @@ class Worker:
         start = self._rounds
         while self._rounds < start + 2 and not self.stopping.is_set():
             await asyncio.sleep(0.01)  # a fetch started before the pause has been accepted or skipped
+        # Queued, not yet computed: not ours to answer any more; they stay outstanding so that
+        # the commit below stops before the first of them and the target reads them again.
+        given_back = len(self.batcher.remove(lambda item: item.payload.partition == p))
         deadline = time.monotonic() + self.cfg.handover_drain_s
-        while self.tracker.pending(p) and p in self.owned and time.monotonic() < deadline:
+        while self.tracker.pending(p) > given_back and p in self.owned and time.monotonic() < deadline:
             self._wake.set()
             await asyncio.sleep(0.01)
-        left = self.tracker.pending(p)
+        left = self.tracker.pending(p) - given_back
         await self._commit()
         ok = p in self.owned and p not in self.tracker.to_commit()
         if left:
-            log.warning("partition %d released with %d requests unreplied; they will be replayed", p, left)
+            log.warning("partition %d released with %d computed requests unreplied; they will be replayed", p, left)
+        log.info("partition %d released; %d queued requests left for the next owner", p, given_back)
         self.owned.pop(p, None)
         self._lease_until.pop(p, None)
         self.tracker.forget(p)
@@ -475,6 +484,7 @@ class Worker:
                       "cancelled" if fut.cancelled() else fut.exception())
             return
         w.sends_left -= 1
+        self.crash.on_acked()
         if w.sends_left == 0:
             self.tracker.done(w.partition, w.offset)
             tenant = w.request.tenant_id if w.request else "_undecodable"
@@ -489,6 +499,7 @@ class Worker:
             offsets = {p: o for p, o in offsets.items() if p in self.owned and self._lease_until.get(p, 0.0) > now}
         if not offsets:
             return
+        self.crash.before_commit_hook()
         try:
             await self.consumer.commit({TopicPartition(self.cfg.requests_topic, p): OffsetAndMetadata(o, "")
                                         for p, o in offsets.items()})

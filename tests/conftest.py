@@ -39,7 +39,8 @@ def kafka_bootstrap() -> str:
 @pytest.fixture(scope="session")
 def database_url() -> str:
     """A fresh database for this test session, migrated to head, dropped afterwards."""
-    from sqlalchemy import create_engine, text
+    from sqlalchemy.pool import NullPool  # outlives database restarts in the fault tests
+from sqlalchemy import create_engine, text
     from sqlalchemy.engine import make_url
 
     from workers import migrate
@@ -48,7 +49,7 @@ def database_url() -> str:
     admin_url = make_url(sync_database_url(settings().database_url))
     name = f"flock_test_{uuid.uuid4().hex[:10]}"
     try:
-        admin = create_engine(admin_url.set(database="postgres"), isolation_level="AUTOCOMMIT")
+        admin = create_engine(admin_url.set(database="postgres"), isolation_level="AUTOCOMMIT", poolclass=NullPool)
         with admin.connect() as c:
             c.execute(text(f'CREATE DATABASE "{name}"'))
     except Exception as exc:  # noqa: BLE001 - any failure here is a broken set-up

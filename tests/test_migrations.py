@@ -9,6 +9,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.pool import NullPool  # outlives database restarts in the fault tests
 
 from schema.tables import Base
 from workers import migrate
@@ -17,7 +18,7 @@ from workers import migrate
 @pytest.fixture()
 def scratch_db(database_url):
     admin_url = make_url(database_url).set(database="postgres")
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
     name = f"flock_mig_{uuid.uuid4().hex[:8]}"
     with admin.connect() as c:
         c.execute(text(f'CREATE DATABASE "{name}"'))

@@ -39,9 +39,9 @@ def kafka_bootstrap() -> str:
 @pytest.fixture(scope="session")
 def database_url() -> str:
     """A fresh database for this test session, migrated to head, dropped afterwards."""
-    from sqlalchemy.pool import NullPool  # outlives database restarts in the fault tests
-from sqlalchemy import create_engine, text
+    from sqlalchemy import create_engine, text
     from sqlalchemy.engine import make_url
+    from sqlalchemy.pool import NullPool  # outlives database restarts in the fault tests
 
     from workers import migrate
     from workers.config import sync_database_url

@@ -186,6 +186,14 @@ class Bench:
             fixed = lora_batches(8, lambda: [S] * B)
             lora_fwd = fwd_rate(f"Flock {self.n_lora} mixed LoRA r8 q,v (fwd)", fixed, "uniform over all tenants",
                                 profile=True)
+            if enc.fast:  # the previous separate shrink / expand kernels, for comparison
+                from workers.engine.pets import lora as lora_mod
+                mode = lora_mod.FUSED_MODE
+                lora_mod.FUSED_MODE = "0"
+                fwd_rate(f"Flock {self.n_lora} mixed LoRA r8 q,v (fwd, separate kernels)", fixed,
+                         "previous shrink + expand kernels")
+                lora_mod.FUSED_MODE = mode
+                print("  LoRA fused-vs-separate choice (us per call):", lora_mod.fused_choice_us, flush=True)
             if enc.fast:  # both LoRA paths, keep the faster one for the rest of the run
                 first = enc.lora_into_gemm
                 enc.lora_into_gemm = not first
@@ -259,6 +267,13 @@ def attention_choice():
     return attention._choice
 
 
+def lora_choice():
+    from workers.engine.kernels import triton_lora
+    from workers.engine.pets import lora
+    return {"mode": lora.FUSED_MODE, "fused_vs_separate": lora.fused_choice_us,
+            "fused_configs": triton_lora.fused_timings}
+
+
 def attention_timings():
     from workers.engine import attention
     return attention.choice_timings
@@ -317,11 +332,13 @@ def main():
         json.dump({"device": dev_name, "torch": torch.__version__, "config": {"hidden": b.h, "layers": b.L,
                    "batch": b.B, "seq": b.S, "dtype": str(b.dtype), "lora_tenants": b.n_lora},
                    "rows": b.rows, "ratios": ratios, "lora_into_gemm": getattr(b, "lora_into_gemm", None),
-                   "varlen_attention": {"choice": attention_choice(), "ms": attention_timings()}}, f, indent=1)
+                   "varlen_attention": {"choice": attention_choice(), "ms": attention_timings()},
+                   "lora_fused_choice_us": lora_choice()}, f, indent=1, default=str)
     print("png:", plot(b.rows, os.path.join(out, "engine_bench.png")))
     from workers.engine import attention
     print("attention varlen path:", attention._choice, attention.choice_timings, "flash mode:", attention._mode)
     print("LoRA expand into GEMM:", getattr(b, "lora_into_gemm", None))
+    print("LoRA fused kernel choice:", json.dumps(lora_choice(), default=str))
 
 
 if __name__ == "__main__":

@@ -73,6 +73,84 @@ def kernel_checks(device, results):
         name = f"sgmv K={K} R={R} members={members} N={N} act={act} bias={bias}"
         results.append({"check": name + " shrink", "rel_err": rel(xa_t, xa_c)})
         results.append({"check": name + " expand", "rel_err": rel(y_t - y0, y_c - y0.float().cpu())})
+    try:
+        fused_checks(device, results, rng)
+    except Exception as exc:  # report, never hide
+        import traceback
+        traceback.print_exc()
+        results.append({"check": f"fused LoRA checks crashed: {exc!r}"[:200], "rel_err": float("inf")})
+
+
+def fused_checks(device, results, rng):
+    """Fused LoRA shrink+expand kernel (every config) vs the torch path, y a strided q|k|v-like buffer."""
+    from workers.engine.kernels.triton_lora import FUSED_CONFIGS, sgmv_lora_fused
+    for (K, rb, members, N, cols) in [(768, 8, 2, 768, [0, 1536]), (768, 8, 3, 768, [0, 768, 1536]),
+                                      (3072, 16, 1, 768, [0]), (768, 64, 1, 3072, [0]), (768, 4, 2, 768, [0, 1536])]:
+        S = 50
+        lens = rng.integers(1, 140, size=40).tolist()
+        slots = sorted(rng.integers(0, S, size=40).tolist())
+        R = rb * members
+        x = torch.randn(sum(lens), K, device=device, dtype=torch.bfloat16)
+        A = (torch.randn(S, 2, R, K, device=device) * 0.05).to(torch.bfloat16)[:, 1]  # strided like a bank layer
+        B = (torch.randn(S, members, N, rb, device=device) * 0.05).to(torch.bfloat16)
+        y0 = torch.randn(sum(lens), max(cols) + N + (768 if members == 2 else 0), device=device, dtype=torch.bfloat16)
+        seg_t = _segments(lens, slots, device, True)
+        seg_c = _segments(lens, slots, "cpu", False)
+        y0_c = y0.float().cpu().clone()
+        y_c = y0_c.clone()
+        segmented.expand_add(segmented.shrink(x.float().cpu(), A.float().cpu(), seg_c), B.float().cpu(), seg_c, y_c, cols)
+        worst = 0.0
+        for cfg in FUSED_CONFIGS + [None]:
+            y_t = y0.clone()
+            sgmv_lora_fused(x, A, B, seg_t.tiles, seg_t.n_tiles, y_t, cols, config=cfg)
+            worst = max(worst, rel(y_t.float().cpu() - y0_c, y_c - y0_c))
+        results.append({"check": f"fused LoRA shrink+expand K={K} rb={rb} members={members} N={N} (all configs)",
+                        "rel_err": worst})
+
+
+def lora_microbench(device, out):
+    """Old (shrink + expand) vs fused LoRA kernels at the benchmark shape: BERT-base q,v r8, 512 x 128 tokens,
+    ~1 tenant per sequence out of 10,000 slots; and the realistic-length batch (lognormal 8-128)."""
+    from workers.engine.kernels import triton_lora as tlr
+    rng = np.random.default_rng(5)
+    n_slots, K, rb, members, N = 10_000, 768, 8, 2, 768
+    A = (torch.randn(n_slots, rb * members, K, device=device) * 0.05).to(torch.bfloat16)
+    B = (torch.randn(n_slots, members, N, rb, device=device) * 0.05).to(torch.bfloat16)
+    rows = {}
+    shapes = {"fixed 512x128": [128] * 512}
+    ls, tot = [], 0
+    while True:
+        n = int(np.clip(rng.lognormal(np.log(40), 0.6), 8, 128))
+        if tot + n > 512 * 128:
+            break
+        ls.append(n)
+        tot += n
+    shapes[f"lengths 8-128 ({len(ls)} seqs)"] = ls
+    for name, lens in shapes.items():
+        T = sum(lens)
+        slots = sorted(rng.choice(n_slots, size=len(lens), replace=False).tolist())
+        seg = _segments(lens, slots, device, True)
+        x = torch.randn(T, K, device=device, dtype=torch.bfloat16)
+        y = torch.randn(T, 3 * N, device=device, dtype=torch.bfloat16)
+        cols = [0, 2 * N]
+        xa = segmented.shrink(x, A, seg)
+        t_shrink = tlr._time_us(lambda: segmented.shrink(x, A, seg), 20)
+        t_expand = tlr._time_us(lambda: segmented.expand_add(xa, B, seg, y, cols), 20)
+        t_old = tlr._time_us(lambda: segmented.expand_add(segmented.shrink(x, A, seg), B, seg, y, cols), 20)
+        tlr.sgmv_lora_fused(x, A, B, seg.tiles, seg.n_tiles, y, cols)  # tunes
+        t_fused = tlr._time_us(lambda: tlr.sgmv_lora_fused(x, A, B, seg.tiles, seg.n_tiles, y, cols), 20)
+        gb = (T * K * 2 + T * members * N * 2 * 2) / 1e9
+        r = {"tiles": seg.n_tiles, "shrink_us": t_shrink, "expand_us": t_expand, "shrink+expand_us": t_old,
+             "fused_us": t_fused, "fused_TB_s": gb / (t_fused * 1e-6) / 1e3, "old_TB_s": gb / (t_old * 1e-6) / 1e3,
+             "fused_configs_us": {k: v for k, v in tlr.fused_timings.items() if k != "errors"}}
+        rows[name] = r
+        print(f"LoRA kernels {name}: tiles {seg.n_tiles}, shrink {t_shrink:.1f} us, expand {t_expand:.1f} us, "
+              f"shrink+expand {t_old:.1f} us ({r['old_TB_s']:.2f} TB/s) | fused {t_fused:.1f} us "
+              f"({r['fused_TB_s']:.2f} TB/s), per layer; x12 layers: old {t_old * 12e-3:.2f} ms, "
+              f"fused {t_fused * 12e-3:.2f} ms", flush=True)
+    print("fused configs (us):", json.dumps(tlr.fused_timings), flush=True)
+    with open(os.path.join(out, "lora_kernels.json"), "w") as f:
+        json.dump(rows, f, indent=1, default=str)
 
 
 def engine_checks(device, small, results):
@@ -206,6 +284,12 @@ def main():
     os.makedirs(out_dir, exist_ok=True)
     results: list[dict] = []
     if args.device != "cpu" and triton_available():
+        try:
+            lora_microbench(args.device, out_dir)
+        except Exception as exc:  # report, never hide
+            import traceback
+            traceback.print_exc()
+            results.append({"check": f"LoRA micro-benchmark crashed: {exc!r}"[:200], "rel_err": float("inf")})
         kernel_checks(args.device, results)
         norm_check(args.device, results)
         try:

@@ -7,6 +7,8 @@ The scale alpha/r is folded into B at conversion time.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from workers.adapters.layout import LINEAR_SITES, BaseDims, lora_scale
@@ -16,6 +18,13 @@ from workers.engine.pets import segmented
 from workers.engine.pets.common import GROUPS, SITE_GROUP, group_in, layers_of, next_bucket, site_col
 
 RANK_BUCKETS = (8, 16, 32, 64, 128, 256)
+
+# Triton path: "auto" (default) times the fused shrink+expand kernel against the separate
+# shrink / expand kernels once per shape (scratch copy of y) and keeps the faster; "1" always
+# fused, "0" always separate (the previous kernels). Under TRITON_INTERPRET=1 "auto" means fused.
+FUSED_MODE = os.environ.get("FLOCK_LORA_FUSED", "auto")
+fused_choice: dict = {}  # shape key -> True (fused) / False (separate)
+fused_choice_us: dict = {}  # str(shape key) -> {"fused": us, "separate": us} (bench reads it)
 
 
 def _sites(cfg) -> list[str]:
@@ -61,8 +70,49 @@ def apply(group, layer: int, site_group: str, x: torch.Tensor, y: torch.Tensor) 
         return
     seg = group.seg
     xs, ys = x[seg.t0:seg.t1], y[seg.t0:seg.t1]
-    xa = segmented.shrink(xs, A[:, layer], seg)
-    segmented.expand_add(xa, bank.get(f"B.{site_group}")[:, layer], seg, ys, bank.extra["cols"][site_group])
+    A, B, cols = A[:, layer], bank.get(f"B.{site_group}")[:, layer], bank.extra["cols"][site_group]
+    if _use_fused(xs, A, B, seg, ys, cols):
+        from workers.engine.kernels.triton_lora import sgmv_lora_fused
+        sgmv_lora_fused(xs, A, B, seg.tiles, seg.n_tiles, ys, cols)
+        return
+    xa = segmented.shrink(xs, A, seg)
+    segmented.expand_add(xa, B, seg, ys, cols)
+
+
+def _use_fused(x, A, B, seg, y, cols) -> bool:
+    if FUSED_MODE == "0" or not segmented.use_triton(x, seg) or seg.n_tiles == 0:
+        return False
+    from workers.engine.kernels import interpret
+    from workers.engine.kernels.triton_lora import fused_ok
+    if not fused_ok(A, B):
+        return False
+    if FUSED_MODE == "1" or interpret():
+        return True
+    key = (x.shape[1], A.shape[1], B.shape[2], B.shape[1], x.dtype, max(seg.n_tiles, 1).bit_length())
+    choice = fused_choice.get(key)
+    if choice is None:
+        choice = fused_choice[key] = _measure(key, x, A, B, seg, y, cols)
+    return choice
+
+
+def _measure(key, x, A, B, seg, y, cols) -> bool:
+    """Time both Triton paths once on a scratch copy of y (first batch of this shape) and keep the faster."""
+    from workers.engine.kernels.triton_lora import _time_us, sgmv_lora_fused
+    scratch = y.clone()
+
+    def separate():
+        segmented.expand_add(segmented.shrink(x, A, seg), B, seg, scratch, cols)
+
+    def fused():
+        sgmv_lora_fused(x, A, B, seg.tiles, seg.n_tiles, scratch, cols)
+    try:
+        fused()  # tunes the fused kernel's config for this shape (on its own scratch copy)
+        separate()  # autotunes the separate kernels
+        t = {"separate": _time_us(separate), "fused": _time_us(fused)}
+    except Exception as exc:  # a kernel that does not build here is simply not chosen
+        t = {"fused": float("inf"), "separate": 0.0, "error": repr(exc)[:200]}
+    fused_choice_us[str(key)] = t
+    return t["fused"] < t["separate"]
 
 
 def can_init(groups, site_group: str) -> bool:

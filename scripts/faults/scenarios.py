@@ -4,6 +4,7 @@ every acknowledged request to be answered, and returns the checker's row."""
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import tempfile
 import time
@@ -212,7 +213,7 @@ def poison_inputs(ctx: Ctx) -> dict:
     rng = random.Random(7)
     seconds = ctx.seconds(40, 15)
     rate = 40.0
-    per_good = max(1, round(n_poison / (rate * seconds)))
+    per_good = max(1, math.ceil(n_poison / (rate * seconds)))
     made = []
     try:
         def extra(i: int):

@@ -106,15 +106,26 @@ class WorkerAgent:
                 if self.follow:
                     await self._sync_leases()
             except pg.DB_ERRORS as exc:
-                log.warning("control plane unreachable (serving on; leases lapse after %.0fs): %s",
-                            self.s.lease_timeout_s, exc)
+                log.warning("control plane unreachable; serving on with the partitions held: %s", exc)
                 await self._disconnect()
+                if self.follow:
+                    self._hold_through_outage()
             self._wake.clear()
             wait = self.s.lease_poll_s if self.follow else max(0.0, next_beat - time.monotonic())
             try:
                 await asyncio.wait_for(self._wake.wait(), wait)
             except TimeoutError:
                 pass
+
+    def _hold_through_outage(self) -> None:
+        """PostgreSQL is unreachable: nobody can move a lease now (every change goes through the
+        database), so keep serving what is held rather than stall. When the database is back the
+        next renewal tells which leases are still ours; the manager waits one lease timeout after
+        regaining the database before it takes unrenewed leases back (manager.py)."""
+        until = time.monotonic() + self.s.lease_timeout_s - self._margin
+        held = {p: (epoch, until) for p, epoch in self.worker.owned.items()
+                if ("release", p) not in self._tasks}
+        self.worker.set_leases(held)
 
     async def stop(self, task: asyncio.Task | None = None) -> None:
         """After the worker's final commit: give leases back (no wait for expiry), mark stopped."""

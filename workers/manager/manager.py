@@ -80,6 +80,7 @@ class Manager:
         self.id = manager_id or f"{socket.gethostname()}-{os.getpid()}"
         self.leading = False
         self._next_rebalance = 0.0
+        self._grace_until = 0.0
         self.routes = RoutePublisher(s.kafka_bootstrap, s.routing_topic)
         self.demand = DemandMeter(s.kafka_bootstrap, s.requests_topic, s.request_partitions, s.rate_window_s)
 
@@ -91,6 +92,9 @@ class Manager:
                     break
                 self.leading = True
                 self._next_rebalance = time.monotonic() + self.s.rebalance_cooldown_s  # let rates settle first
+                # Workers may have been cut off from the database (that is often why leadership
+                # changed): give them one lease timeout to renew before anything is taken back.
+                self._grace_until = time.monotonic() + self.s.lease_timeout_s
                 try:
                     while not stop.is_set():
                         await lead.check()
@@ -115,8 +119,9 @@ class Manager:
     async def tick(self, conn) -> TickReport:
         s, topic, rep = self.s, self.s.requests_topic, TickReport()
         await leases.ensure_partitions(conn, topic, s.request_partitions)
-        rep.dead = await leases.mark_dead(conn, topic, s.worker_timeout_s)
-        rep.expired = await leases.expire(conn, topic)
+        if time.monotonic() >= self._grace_until:
+            rep.dead = await leases.mark_dead(conn, topic, s.worker_timeout_s)
+            rep.expired = await leases.expire(conn, topic)
         cancelled, forced = await leases.settle_handovers(conn, topic, s.handover_timeout_s, s.lease_timeout_s)
         for w in rep.dead:
             log.warning("worker %s missed heartbeats for %.0fs: marked dead", w, s.worker_timeout_s)

@@ -6,7 +6,7 @@ import pickle
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from sqlalchemy import func, select, text
 
 from schema.tables import Adapter, AdapterBlob

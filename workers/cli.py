@@ -88,7 +88,6 @@ def run_cli(fn: Callable[[], Any]) -> Any:
     from workers.adapters.store import StoreError
     from workers.adapters.validate import AdapterRejected
     from workers.manager.errors import ControlPlaneError
-    from workers.manager.pg import DB_ERRORS
     from workers.models import ModelNotFound
 
     try:

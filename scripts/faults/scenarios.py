@@ -55,8 +55,19 @@ def _row(name: str, h: History, notes: str = "", **extra) -> dict:
     return r
 
 
-def _cluster(ctx: Ctx, tag: str, **kw) -> Cluster:
-    return Cluster(ctx.database_url, ctx.bootstrap, tag, **kw).setup()
+def _in_cluster(ctx: Ctx, prefix: str, fault_name: str, fault: Callable, *, cluster: dict | None = None,
+                after: Callable | None = None, make_extra: Callable | None = None,
+                **load) -> tuple[History, str, object]:
+    """Set up a fresh cluster, run load with ``fault(cluster, history)`` injected (and the poison
+    ``make_extra(cluster)`` interleaves), read ``after(cluster)`` (metrics) while it still runs,
+    tear it down whatever happened."""
+    c = Cluster(ctx.database_url, ctx.bootstrap, f"{prefix}{int(time.time()) % 10**6}", **(cluster or {})).setup()
+    try:
+        extra = make_extra(c) if make_extra else None
+        h, notes = asyncio.run(_run_with_load(ctx, c, fault_name, lambda hist: fault(c, hist), extra=extra, **load))
+        return h, notes, after(c) if after else None
+    finally:
+        c.teardown()
 
 
 # ---------------------------------------------------------------- worker crashes
@@ -64,41 +75,34 @@ def worker_crash(ctx: Ctx, where: str) -> dict:
     """kill -9 at a precise point: after consuming (before replying) or after replying (before
     committing). The worker's own fault hook sends it SIGKILL there; a supervisor restarts it."""
     env_key = {"consume": "FLOCK_FAULT_CRASH_AFTER_CONSUME", "commit": "FLOCK_FAULT_CRASH_BEFORE_COMMIT"}[where]
-    tag = f"f{where[:3]}{int(time.time()) % 10**6}"
-    cluster = _cluster(ctx, tag, workers=2)
-    try:
-        async def fault(h: History) -> str:
-            victim = cluster.replace_worker(0, **{env_key: "40"})  # crashes on its 40th record/reply
-            t = time.monotonic()
-            while victim.proc.poll() is None and time.monotonic() - t < 60:
-                await asyncio.sleep(0.1)
-            died = victim.proc.poll() == -9 or victim.proc.poll() == 137
-            await asyncio.to_thread(cluster.replace_worker, 0)  # supervisor restart
-            return f"crashed by SIGKILL: {died}"
+    window = "consume and reply" if where == "consume" else "reply and commit"
 
-        h, notes = asyncio.run(_run_with_load(ctx, cluster, f"kill -9 between {'consume and reply' if where == 'consume' else 'reply and commit'}",
-                                              fault, rate=40, seconds=ctx.seconds(40, 18), at=3))
-    finally:
-        cluster.teardown()
+    async def fault(cluster: Cluster, h: History) -> str:
+        victim = cluster.replace_worker(0, **{env_key: "40"})  # crashes on its 40th record/reply
+        t = time.monotonic()
+        while victim.proc.poll() is None and time.monotonic() - t < 60:
+            await asyncio.sleep(0.1)
+        died = victim.proc.poll() in (-9, 137)
+        await asyncio.to_thread(cluster.replace_worker, 0)  # supervisor restart
+        return f"crashed by SIGKILL: {died}"
+
+    h, notes, _ = _in_cluster(ctx, f"f{where[:3]}", f"kill -9 between {window}", fault, cluster={"workers": 2},
+                              rate=40, seconds=ctx.seconds(40, 18), at=3)
     return _row(f"worker kill -9 ({'consume→reply' if where == 'consume' else 'reply→commit'})", h, notes)
 
 
 # ---------------------------------------------------------------- infrastructure outages
 def _outage(ctx: Ctx, tag: str, title: str, service: str, down_s: float, seconds: float, note: str) -> dict:
     """Stop a service process (``scripts/services <service>-stop``), keep it down, start it again."""
-    cluster = _cluster(ctx, f"{tag}{int(time.time()) % 10**6}", workers=2)
-    try:
-        async def fault(h: History) -> str:
-            t = time.monotonic()
-            await asyncio.to_thread(services, f"{service}-stop")
-            await asyncio.sleep(down_s)
-            await asyncio.to_thread(services, f"{service}-start")
-            return f"{note}; down {time.monotonic() - t:.1f}s"
+    async def fault(cluster: Cluster, h: History) -> str:
+        t = time.monotonic()
+        await asyncio.to_thread(services, f"{service}-stop")
+        await asyncio.sleep(down_s)
+        await asyncio.to_thread(services, f"{service}-start")
+        return f"{note}; down {time.monotonic() - t:.1f}s"
 
-        h, notes = asyncio.run(_run_with_load(ctx, cluster, f"{service} down", fault, rate=30, seconds=seconds,
-                                              at=4, answer_timeout=240))
-    finally:
-        cluster.teardown()
+    h, notes, _ = _in_cluster(ctx, tag, f"{service} down", fault, cluster={"workers": 2}, rate=30,
+                              seconds=seconds, at=4, answer_timeout=240)
     return _row(title, h, notes)
 
 
@@ -116,83 +120,76 @@ def postgres_outage(ctx: Ctx) -> dict:
 def handover(ctx: Ctx) -> dict:
     """Warm hand-overs under load: drain one worker (all its partitions move), undo the drain and
     let the rebalancer move partitions back."""
-    cluster = _cluster(ctx, f"fho{int(time.time()) % 10**6}", workers=3)
-    try:
-        async def fault(h: History) -> str:
-            import subprocess
-            import sys
-            env = cluster.managers[0].env
-            victim = cluster.workers[0].env["FLOCK_WORKER_ID"]
-            before = await asyncio.to_thread(cluster.leased)
-            cli = [sys.executable, "-m", "workers.cli"]
-            await asyncio.to_thread(subprocess.run, cli + ["worker", "drain", victim], env=env,
-                                    capture_output=True, stdin=subprocess.DEVNULL, check=True)
-            t = time.monotonic()
-            while time.monotonic() - t < 30:
-                owners = await asyncio.to_thread(cluster.leased)
-                if owners and victim not in owners.values():
-                    break
-                await asyncio.sleep(0.3)
-            drained = await asyncio.to_thread(cluster.leased)
-            moved = sum(1 for p, w in before.items() if drained.get(p) != w)
-            await asyncio.to_thread(subprocess.run, cli + ["worker", "drain", victim, "--undo"], env=env,
-                                    capture_output=True, stdin=subprocess.DEVNULL, check=True)
-            await asyncio.to_thread(subprocess.run, cli + ["rebalance", "--apply", "--force"], env=env,
-                                    capture_output=True, stdin=subprocess.DEVNULL)
-            await asyncio.sleep(ctx.seconds(8, 4))
-            after = await asyncio.to_thread(cluster.leased)
-            back = sum(1 for p, w in drained.items() if after.get(p) != w)
-            return f"drain moved {moved} partitions in {time.monotonic() - t:.1f}s; rebalance moved {back} back"
+    async def fault(cluster: Cluster, h: History) -> str:
+        import subprocess
+        import sys
+        env = cluster.managers[0].env
+        victim = cluster.workers[0].env["FLOCK_WORKER_ID"]
+        before = await asyncio.to_thread(cluster.leased)
+        cli = [sys.executable, "-m", "workers.cli"]
+        await asyncio.to_thread(subprocess.run, cli + ["worker", "drain", victim], env=env,
+                                capture_output=True, stdin=subprocess.DEVNULL, check=True)
+        t = time.monotonic()
+        while time.monotonic() - t < 30:
+            owners = await asyncio.to_thread(cluster.leased)
+            if owners and victim not in owners.values():
+                break
+            await asyncio.sleep(0.3)
+        drained = await asyncio.to_thread(cluster.leased)
+        moved = sum(1 for p, w in before.items() if drained.get(p) != w)
+        await asyncio.to_thread(subprocess.run, cli + ["worker", "drain", victim, "--undo"], env=env,
+                                capture_output=True, stdin=subprocess.DEVNULL, check=True)
+        await asyncio.to_thread(subprocess.run, cli + ["rebalance", "--apply", "--force"], env=env,
+                                capture_output=True, stdin=subprocess.DEVNULL)
+        await asyncio.sleep(ctx.seconds(8, 4))
+        after = await asyncio.to_thread(cluster.leased)
+        back = sum(1 for p, w in drained.items() if after.get(p) != w)
+        return f"drain moved {moved} partitions in {time.monotonic() - t:.1f}s; rebalance moved {back} back"
 
-        h, notes = asyncio.run(_run_with_load(ctx, cluster, "hand-over", fault, rate=40,
-                                              seconds=ctx.seconds(45, 22), at=4))
-    finally:
-        cluster.teardown()
+    h, notes, _ = _in_cluster(ctx, "fho", "hand-over", fault, cluster={"workers": 3}, rate=40,
+                              seconds=ctx.seconds(45, 22), at=4)
     return _row("partition hand-over / rebalance under load", h, notes)
 
 
 def manager_failover(ctx: Ctx) -> dict:
-    cluster = _cluster(ctx, f"fmgr{int(time.time()) % 10**6}", workers=2, managers=2)
-    try:
-        async def fault(h: History) -> str:
-            leader = cluster.managers[0]  # started first: holds the leadership
-            leader.kill9()
-            # Prove the standby leads: a worker crash must still be taken over.
-            cluster.workers[1].kill9()
-            t = time.monotonic()
-            while time.monotonic() - t < 60:
-                owners = await asyncio.to_thread(cluster.leased)
-                if owners and all(w == cluster.workers[0].env["FLOCK_WORKER_ID"] for w in owners.values()) \
-                        and len(owners) == cluster.partitions:
-                    return f"standby took over; dead worker's partitions re-leased in {time.monotonic() - t:.1f}s"
-                await asyncio.sleep(0.5)
-            return "standby did NOT re-lease the dead worker's partitions within 60s"
+    async def fault(cluster: Cluster, h: History) -> str:
+        leader = cluster.managers[0]  # started first: holds the leadership
+        leader.kill9()
+        # Prove the standby leads: a worker crash must still be taken over.
+        cluster.workers[1].kill9()
+        t = time.monotonic()
+        while time.monotonic() - t < 60:
+            owners = await asyncio.to_thread(cluster.leased)
+            if owners and all(w == cluster.workers[0].env["FLOCK_WORKER_ID"] for w in owners.values()) \
+                    and len(owners) == cluster.partitions:
+                return f"standby took over; dead worker's partitions re-leased in {time.monotonic() - t:.1f}s"
+            await asyncio.sleep(0.5)
+        return "standby did NOT re-lease the dead worker's partitions within 60s"
 
-        h, notes = asyncio.run(_run_with_load(ctx, cluster, "manager kill -9", fault, rate=30,
-                                              seconds=ctx.seconds(40, 22), at=4))
-    finally:
-        cluster.teardown()
+    h, notes, _ = _in_cluster(ctx, "fmgr", "manager kill -9", fault, cluster={"workers": 2, "managers": 2},
+                              rate=30, seconds=ctx.seconds(40, 22), at=4)
     return _row("manager killed, standby takes over", h, notes)
 
 
 # ---------------------------------------------------------------- overload and bad input
 def flood(ctx: Ctx) -> dict:
-    high = 60
-    cluster = _cluster(ctx, f"fflood{int(time.time()) % 10**6}", workers=2, partitions=4,
-                       worker_env={"FLOCK_PARTITION_HIGH_WATER": str(high), "FLOCK_PARTITION_LOW_WATER": "20"})
-    try:
-        async def fault(h: History) -> str:
-            return "offered several times capacity with 2 s deadlines"
+    high, partitions, seconds = 60, 4, ctx.seconds(20, 6)
 
-        h, _ = asyncio.run(_run_with_load(ctx, cluster, "flood", fault, rate=ctx.seconds(1500, 1200),
-                                          seconds=ctx.seconds(20, 6), at=0.5, timeout_s=2.0, answer_timeout=240))
-        peaks = [w.metric("flock_inflight_requests_peak") or 0 for w in cluster.workers]
-        rss = [_rss_mb(w.proc.pid) for w in cluster.workers]
-    finally:
-        cluster.teardown()
-    bound = 2 * high * cluster.partitions
+    async def fault(cluster: Cluster, h: History) -> str:
+        return "offered several times capacity with 2 s deadlines"
+
+    def measure(cluster: Cluster) -> tuple[list[float], list[float]]:
+        return ([w.metric("flock_inflight_requests_peak") or 0 for w in cluster.workers],
+                [_rss_mb(w.proc.pid) for w in cluster.workers])
+
+    h, _, (peaks, rss) = _in_cluster(
+        ctx, "fflood", "flood", fault, after=measure,
+        cluster={"workers": 2, "partitions": partitions,
+                 "worker_env": {"FLOCK_PARTITION_HIGH_WATER": str(high), "FLOCK_PARTITION_LOW_WATER": "20"}},
+        rate=ctx.seconds(1500, 1200), seconds=seconds, at=0.5, timeout_s=2.0, answer_timeout=240)
+    bound = 2 * high * partitions
     r = h.check()
-    notes = (f"offered {r['sent'] / ctx.seconds(20, 6):.0f} req/s; peak unreplied per worker {max(peaks):.0f} "
+    notes = (f"offered {r['sent'] / seconds:.0f} req/s; peak unreplied per worker {max(peaks):.0f} "
              f"(bound {bound}); worker peak RSS {max(rss):.0f} MB; expired={r['statuses'].get('expired', 0)}")
     return _row("flood beyond capacity", h, notes, bounded=max(peaks) <= bound)
 
@@ -209,25 +206,23 @@ def _rss_mb(pid: int) -> float:
 
 def poison_inputs(ctx: Ctx) -> dict:
     n_poison = 1000 if ctx.short else 10_000
-    cluster = _cluster(ctx, f"fpoi{int(time.time()) % 10**6}", workers=2)
     rng = random.Random(7)
-    seconds = ctx.seconds(40, 15)
-    rate = 40.0
+    seconds, rate = ctx.seconds(40, 15), 40.0
     per_good = max(1, math.ceil(n_poison / (rate * seconds)))
-    made = []
-    try:
+    made: list = []
+
+    def make_extra(cluster: Cluster) -> Callable:
         def extra(i: int):
             batch = [poison(i * per_good + k, rng, cluster.tenants) for k in range(per_good)]
             made.extend(batch)
             return batch
+        return extra
 
-        async def fault(h: History) -> str:
-            return "fuzzed records interleaved with good requests"
+    async def fault(cluster: Cluster, h: History) -> str:
+        return "fuzzed records interleaved with good requests"
 
-        h, notes = asyncio.run(_run_with_load(ctx, cluster, "poison", fault, rate=rate, seconds=seconds, at=0,
-                                              extra=extra))
-    finally:
-        cluster.teardown()
+    h, notes, _ = _in_cluster(ctx, "fpoi", "poison", fault, cluster={"workers": 2}, make_extra=make_extra,
+                              rate=rate, seconds=seconds, at=0)
     return _row("poison inputs", h, f"{len(made)} {notes}; {h.poison_to_dlq} owed a DLQ record")
 
 

@@ -228,7 +228,8 @@ def _check_value(f: Field, v: Any, name: str) -> Any:
 
 def _unpack(data: bytes, limit: int) -> Any:
     if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise WireError(ErrorCode.MALFORMED, "message value must be bytes")
+        raise WireError(ErrorCode.MALFORMED, "message has no value (null)" if data is None
+                        else f"message value must be bytes, got {type(data).__name__}")
     if len(data) > limit:
         raise WireError(ErrorCode.INPUT_TOO_LARGE, f"message of {len(data)} bytes exceeds {limit}")
     try:
@@ -239,7 +240,36 @@ def _unpack(data: bytes, limit: int) -> Any:
     except WireError:
         raise
     except Exception as exc:  # msgpack raises many types for bad bytes; all mean the same here
-        raise WireError(ErrorCode.MALFORMED, f"not valid msgpack: {type(exc).__name__}: {exc}"[:300]) from None
+        raise WireError(ErrorCode.MALFORMED, _msgpack_failure(bytes(data), exc, limit)) from None
+
+
+def _msgpack_failure(data: bytes, exc: Exception, limit: int) -> str:
+    """Why ``data`` is not msgpack, where (byte offset) and what it starts with. Error path only:
+    msgpack's own text can be empty (FormatError), which left DLQ reasons saying nothing."""
+    what = str(exc).strip()
+    if isinstance(exc, msgpack.ExtraData):
+        at, what = len(data) - len(exc.extra), "trailing bytes after a complete value"
+    else:
+        # Replaying with a streaming Unpacker (same limits) tells where the parse stopped.
+        u = msgpack.Unpacker(raw=False, strict_map_key=True, use_list=True, max_buffer_size=max(len(data), 1),
+                             max_str_len=limit, max_bin_len=0, max_array_len=MAX_TOKEN_IDS * 2,
+                             max_map_len=64, max_ext_len=0)
+        u.feed(data)
+        try:
+            u.unpack()
+        except Exception:  # noqa: BLE001 - only the position is wanted here
+            pass
+        at = u.tell()
+        if isinstance(exc, msgpack.StackError):
+            what = "values nested too deeply"
+        elif isinstance(exc, msgpack.FormatError) or not what:
+            what = (f"byte 0x{data[at]:02x} is not a valid msgpack type" if at < len(data)
+                    else "input ends inside a value")
+        elif what.endswith("incomplete input"):
+            at, what = len(data), "input ends inside a value (truncated?)"
+    head = data[:16].hex(" ") + (" …" if len(data) > 16 else "")
+    return (f"not valid msgpack at byte {at} of {len(data)}: {type(exc).__name__}: {what[:200]}; "
+            f"first bytes: {head or '(empty)'}")
 
 
 def _salvage(obj: Any) -> dict[str, str | None]:

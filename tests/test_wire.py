@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -83,6 +84,29 @@ def test_size_cap_and_garbage():
         assert ei.value.code is ErrorCode.MALFORMED
 
 
+# Every msgpack failure says what was wrong, where (byte offset) and what the bytes start with;
+# msgpack's own FormatError/StackError text is empty, which once left DLQ reasons blank.
+MSGPACK_REASON = re.compile(r"^not valid msgpack at byte \d+ of \d+: \w+: \S.*; first bytes: \S")
+
+
+@pytest.mark.parametrize("junk, where, what", [
+    (b"\xc1\xc1garbage", "at byte 0 of 9", "byte 0xc1 is not a valid msgpack type"),
+    (pack({"a": 1})[:-1] + b"\xc1", "at byte 3 of 4", "byte 0xc1 is not a valid msgpack type"),
+    (b"hello world", "at byte 1 of 11", "trailing bytes"),
+    (b"", "at byte 0 of 0", "input ends inside a value"),
+    (pack([1, 2, 3])[:-1], "at byte 3 of 3", "input ends inside a value"),
+    (b"\x91" * 5000, "of 5000", "nested too deeply"),
+    (b"\xa2\xff\xfe", "of 3", "utf-8"),
+])
+def test_garbage_reason_names_offset_and_first_bytes(junk, where, what):
+    with pytest.raises(WireError) as ei:
+        InferRequest.decode(junk)
+    msg = ei.value.message
+    assert ei.value.code is ErrorCode.MALFORMED and MSGPACK_REASON.match(msg), msg
+    assert where in msg and what in msg, msg
+    assert msg.endswith(junk[:16].hex(" ") + (" …" if len(junk) > 16 else "") if junk else "(empty)"), msg
+
+
 @pytest.mark.parametrize("kind", ["request", "reply"])
 def test_committed_json_schema_equals_python_definitions(kind):
     committed = gen_json_schema.path_of(kind).read_text()
@@ -137,7 +161,9 @@ def test_fuzz_random_bytes_only_typed_errors(data):
     try:
         InferRequest.decode(data)
     except WireError as e:
-        assert isinstance(e.code, ErrorCode)
+        assert isinstance(e.code, ErrorCode) and e.message.strip()
+        if e.message.startswith("not valid msgpack"):
+            assert MSGPACK_REASON.match(e.message), e.message
 
 
 @hsettings(max_examples=1500, deadline=None, suppress_health_check=list(HealthCheck))

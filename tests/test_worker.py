@@ -115,6 +115,13 @@ def test_poison_goes_to_dlq_while_good_messages_continue(kafka_bootstrap, topics
     for r in dlq:
         h = header_map(r.headers)
         assert h[Headers.ERROR].startswith("malformed") and h[Headers.SOURCE].startswith(topics.requests + "/")
+        # Every reason says what was wrong and shows the record's first bytes, never an empty tail.
+        reason = h[Headers.ERROR]
+        assert len(reason) > len("malformed: ") + 10 and not reason.rstrip().endswith(":"), reason
+        head = (r.value or b"")[:16].hex(" ")
+        assert f"first bytes: {head or '(empty)'}" in reason, reason
+    garbage = next(header_map(r.headers)[Headers.ERROR] for r in dlq if r.value == b"\xc1\xc1garbage")
+    assert garbage.startswith("malformed: not valid msgpack at byte 0 of 9: FormatError: byte 0xc1 "), garbage
 
 
 def test_deadline_expiry_replies_expired_without_compute(kafka_bootstrap, topics, worker, tenants):

@@ -48,8 +48,12 @@ def reply_for_output(out: Any, *, request_id: str, tenant_id: str, worker_id: st
                       adapter_version=version, worker_id=worker_id, timings=timings)
 
 
-def dlq_headers(original: list[tuple[str, bytes]] | None, reason: str, source: str) -> list[tuple[str, bytes]]:
-    """Original headers kept, plus why and where from."""
+def dlq_headers(original: list[tuple[str, bytes]] | None, reason: str, source: str,
+                value: bytes | None = None) -> list[tuple[str, bytes]]:
+    """Original headers kept, plus why and where from. With ``value``, the reason also names the
+    record's size and first bytes (unless it already does) so it can be read without a hex dump."""
+    if value is not None and "first bytes:" not in reason:
+        reason += f"; {len(value)} bytes, first bytes: {value[:16].hex(' ') + (' …' if len(value) > 16 else '') or '(empty)'}"
     keep = [(k, v) for k, v in (original or []) if k not in (Headers.ERROR, Headers.SOURCE)]
     return keep + [(Headers.ERROR, reason[:1000].encode("utf-8", "replace")), (Headers.SOURCE, source.encode())]
 

@@ -236,7 +236,7 @@ class Worker:
         source = f"{self.cfg.requests_topic}/{w.partition}/{w.offset}"
         sends = []
         if exc.code is ErrorCode.MALFORMED or exc.request_id is None or exc.tenant_id is None:
-            sends.append((self.cfg.dlq_topic, rec.value, rec.key, dlq_headers(rec.headers, f"{exc.code.value}: {exc}", source)))
+            sends.append((self.cfg.dlq_topic, rec.value, rec.key, dlq_headers(rec.headers, f"{exc.code.value}: {exc}", source, rec.value or b"")))
             self.metrics.dlq.labels(exc.code.value).inc()
         if exc.request_id is not None and exc.tenant_id is not None:
             reply = InferReply.error(exc.code, exc.message, request_id=exc.request_id, tenant_id=exc.tenant_id,

@@ -89,7 +89,7 @@ class WorkerProcess:
                     "FLOCK_BATCH_MAX_TOKENS": "4096", "FLOCK_COMMIT_INTERVAL_MS": "100", **extra}
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 180) -> "WorkerProcess":
+    def start(self, timeout: float = 180, poll_s: float = 0.3) -> "WorkerProcess":
         log = open(self.log_path, "a")
         self.proc = subprocess.Popen([sys.executable, "-m", "workers.cli", "worker"], env=self.env, stdout=log,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
@@ -99,7 +99,7 @@ class WorkerProcess:
                 raise AssertionError(f"worker exited {self.proc.returncode}: {self.log_tail()}")
             if self.get("/readyz")[0] == 200:
                 return self
-            time.sleep(0.3)
+            time.sleep(poll_s)
         raise AssertionError(f"worker not ready: {self.log_tail()}")
 
     def get(self, path: str) -> tuple[int, str]:

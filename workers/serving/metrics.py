@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import threading
+from time import thread_time
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -32,3 +37,89 @@ class WorkerMetrics:
         self.paused = Gauge("flock_paused_partitions", "Partitions paused by back-pressure", registry=r)
         self.engine_seconds = Histogram("flock_engine_batch_seconds", "Engine time per batch", registry=r,
                                         buckets=LATENCY_BUCKETS)
+        self.stage_cpu = StageCPU()
+        r.register(CPUCollector(self.stage_cpu))
+
+
+# --------------------------------------------------------------------------- CPU accounting
+# Where the host path spends CPU, for bench/dataplane.py and operators. Stages are timed per
+# batch of work (never per request) with time.thread_time() on the thread doing the work.
+STAGES = ("consume", "decode", "tokenise", "batch", "engine", "reply_encode", "produce", "commit")
+
+
+class StageCPU:
+    """Per-stage CPU seconds of this process, exported as ``flock_stage_cpu_seconds_total{stage}``.
+
+    ``add(stage, t0)`` charges ``thread_time() - t0`` to ``stage``. Only sections that do not
+    yield to the event loop are timed, so a stage never absorbs another task's work. The
+    ``engine`` stage is the CPU of the engine's own threads, read from /proc at scrape time."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = dict.fromkeys(STAGES, 0.0)
+        self.charged = 0.0  # all stages together, so an await can leave out what ran inside it
+
+    def add(self, stage: str, t0: float) -> None:
+        dt = thread_time() - t0
+        self.seconds[stage] += dt
+        self.charged += dt
+
+    def add_around_await(self, stage: str, t0: float, charged0: float) -> None:
+        """Charge an awaited section, minus the timed stages that ran while it was suspended."""
+        dt = thread_time() - t0 - (self.charged - charged0)
+        self.seconds[stage] += dt
+        self.charged += dt
+
+
+def _thread_kind(name: str) -> str:
+    if name == "MainThread":
+        return "loop"
+    if name.startswith("flock-tokenize"):
+        return "tokenise"
+    if name.startswith(("flock-engine", "flock-prefetch", "flock-pool")):
+        return "engine"
+    return "other"
+
+
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def thread_cpu() -> dict[str, float]:
+    """CPU seconds per kind of thread of this process (loop, tokenise, engine, other), from
+    /proc/self/task. Threads Python does not know (torch/OpenMP, tokenizers' pool) are 'other'."""
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    out = {"loop": 0.0, "tokenise": 0.0, "engine": 0.0, "other": 0.0}
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue  # the thread ended meanwhile
+        secs = (int(fields[11]) + int(fields[12])) / _TICK  # utime + stime
+        out[_thread_kind(names.get(int(tid), ""))] += secs
+    return out
+
+
+class CPUCollector:
+    """Exports StageCPU and per-thread CPU (engine stage included) on scrape."""
+
+    def __init__(self, stages: StageCPU, engine_in_process: bool = True) -> None:
+        self.stages = stages
+        self.engine_in_process = engine_in_process
+
+    def collect(self):
+        threads = thread_cpu()
+        st = CounterMetricFamily("flock_stage_cpu_seconds", "CPU seconds spent per host-path stage "
+                                 "(per batch; engine = the engine threads)", labels=["stage"])
+        for stage, secs in self.stages.seconds.items():
+            if stage == "engine" and self.engine_in_process:
+                secs += threads["engine"]
+            st.add_metric([stage], secs)
+        yield st
+        th = CounterMetricFamily("flock_thread_cpu_seconds", "CPU seconds per kind of thread", labels=["thread"])
+        for kind, secs in threads.items():
+            th.add_metric([kind], secs)
+        yield th

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from time import thread_time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
@@ -181,7 +182,11 @@ class Worker:
                 await self._apply_leases()
             self._rounds += 1
             # One fetch never takes more than a partition's high-water mark: that bounds memory.
+            st = self.metrics.stage_cpu
+            t0, c0 = thread_time(), st.charged
             records = await self.consumer.getmany(timeout_ms=50, max_records=min(1000, self.cfg.high_water))
+            st.add_around_await("consume", t0, c0)
+            t0 = thread_time()
             if self.stopping.is_set():
                 # Consumed but not accepted: leave them for the next owner (not tracked, not committed).
                 break
@@ -199,14 +204,16 @@ class Worker:
                         await self._reject(w, exc, rec)
                         continue
                     good.append(w)
+            st.add("decode", t0)
             if good:
-                ids = await loop.run_in_executor(self._cpu, self.tok.ids, [w.request for w in good],
-                                                 self.cfg.max_seq_len)
+                ids = await loop.run_in_executor(self._cpu, self._tokenise, [w.request for w in good])
+                t0 = thread_time()
                 now_ms = time.time() * 1000
                 for w, (tid, tt) in zip(good, ids):
                     w.token_ids, w.token_type_ids = tid, tt
                     self._count_load(w)
                     await self._admit(w, now_ms)
+                st.add("batch", t0)
             self._backpressure()
             self.metrics.queue_depth.set(len(self.batcher))
             pending = self.tracker.pending()
@@ -215,6 +222,13 @@ class Worker:
             self.metrics.inflight_peak.set(self._peak)
             if good:
                 self._wake.set()
+
+    def _tokenise(self, reqs: list[InferRequest]) -> list:
+        t0 = thread_time()
+        try:
+            return self.tok.ids(reqs, self.cfg.max_seq_len)
+        finally:
+            self.metrics.stage_cpu.add("tokenise", t0)
 
     async def _admit(self, w: Work, now_ms: float) -> None:
         req = w.request
@@ -398,6 +412,7 @@ class Worker:
                     pass
                 continue
             await self._inflight.acquire()
+            t0 = thread_time()
             batch, expired = self.batcher.next_batch(time.time() * 1000)
             for p in expired:
                 await self._error(p.payload, ErrorCode.EXPIRED, "deadline passed before compute")
@@ -412,6 +427,8 @@ class Worker:
                 for w in works:
                     await self._error(w, ErrorCode.INTERNAL, f"engine refused batch: {exc}")
                 continue
+            finally:
+                self.metrics.stage_cpu.add("batch", t0)
             self.metrics.batch_seqs.observe(len(works))
             self.metrics.batch_tokens.observe(sum(len(w.token_ids) for w in works))
             self.metrics.batch_tenants.observe(len({w.request.tenant_id for w in works}))
@@ -431,6 +448,7 @@ class Worker:
             self._inflight.release()
         t_done = time.monotonic()
         self.metrics.engine_seconds.observe(t_done - t_submit)
+        st = self.metrics.stage_cpu
         for i, w in enumerate(works):
             req = w.request
             if outputs is None:
@@ -440,11 +458,14 @@ class Worker:
             timings = {"queue_ms": round((t_submit - w.received) * 1e3, 3),
                        "compute_ms": round((t_done - t_submit) * 1e3, 3),
                        "total_ms": round((t_done - w.received) * 1e3, 3)}
+            t0 = thread_time()
             reply = reply_for_output(out, request_id=req.request_id, tenant_id=req.tenant_id,
                                      worker_id=self.cfg.worker_id, timings=timings)
             self.metrics.adapter_lookups.labels("error" if out.error else "ok").inc()
             w.status = reply.status.value
-            await self._send_reply(w, reply)
+            value, headers = reply.encode(), reply.headers()
+            st.add("reply_encode", t0)
+            await self._send_reply(w, reply, value, headers)
 
     # ------------------------------------------------------------ sending + acks
     async def _reply_topic_ok(self, topic: str) -> bool:
@@ -460,7 +481,8 @@ class Worker:
         self._topic_ok[topic] = (ok, time.monotonic())
         return ok
 
-    async def _send_reply(self, w: Work, reply: InferReply) -> None:
+    async def _send_reply(self, w: Work, reply: InferReply, value: bytes | None = None,
+                          headers: list | None = None) -> None:
         topic = w.request.reply_to or self.cfg.replies_topic
         if not await self._reply_topic_ok(topic):
             # The reply cannot be delivered where asked: keep it in the DLQ rather than stall.
@@ -469,15 +491,26 @@ class Worker:
             await self._send_all(w, [(self.cfg.dlq_topic, reply.encode(), reply.tenant_id.encode(),
                                       dlq_headers(reply.headers(), f"reply topic {topic!r} does not exist", source))])
             return
-        await self._send_all(w, [(topic, reply.encode(), reply.tenant_id.encode(), reply.headers())])
+        await self._send_all(w, [(topic, value if value is not None else reply.encode(), reply.tenant_id.encode(),
+                                  headers if headers is not None else reply.headers())])
 
     async def _send_all(self, w: Work, sends: list[tuple[str, bytes, bytes | None, list]]) -> None:
         w.sends_left = len(sends)
+        st = self.metrics.stage_cpu
+        t0, c0 = thread_time(), st.charged
         for topic, value, key, headers in sends:
             fut = await self.producer.send(topic, value=value, key=key, headers=headers)
             fut.add_done_callback(lambda f, w=w: self._acked(w, f))
+        st.add_around_await("produce", t0, c0)
 
     def _acked(self, w: Work, fut: asyncio.Future) -> None:
+        t0 = thread_time()
+        try:
+            self._acked_one(w, fut)
+        finally:
+            self.metrics.stage_cpu.add("produce", t0)
+
+    def _acked_one(self, w: Work, fut: asyncio.Future) -> None:
         if fut.cancelled() or fut.exception() is not None:
             # Not acked: the offset stays outstanding, so it is never committed and is replayed.
             log.error("send for %s/%d failed: %s", self.cfg.requests_topic, w.offset,
@@ -500,6 +533,8 @@ class Worker:
         if not offsets:
             return
         self.crash.before_commit_hook()
+        st = self.metrics.stage_cpu
+        t0, c0 = thread_time(), st.charged
         try:
             await self.consumer.commit({TopicPartition(self.cfg.requests_topic, p): OffsetAndMetadata(o, "")
                                         for p, o in offsets.items()})
@@ -508,6 +543,8 @@ class Worker:
         except KafkaError as exc:
             self.metrics.commit_errors.inc()
             log.warning("offset commit failed (will retry): %s", exc)
+        finally:
+            st.add_around_await("commit", t0, c0)
 
     async def _commit_loop(self) -> None:
         while True:

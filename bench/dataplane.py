@@ -1,0 +1,239 @@
+"""CPU cost of the host path: the real `flockserve worker` on the real services, near-zero engine.
+
+    .venv/bin/python bench/dataplane.py [--requests 20000] [--edges 1 2] [--partitions 8] [--json]
+
+Needs the local services (scripts/services up) and a migrated database. Builds a tiny random
+BERT checkpoint (1 layer, 64 wide, the MiniLM tokenizer) under bench_out/dataplane/, registers 64
+LoRA tenants for it through the adapter store, and for each value of --edges:
+
+  1. creates fresh topics and produces the whole backlog (warm-up requests touching every tenant
+     first, then ``--requests`` short texts of 8-64 tokens) BEFORE the worker starts;
+  2. starts `flockserve worker` (FLOCK_EDGES=<n>; FLOCK_DEVICE=cpu);
+  3. measures from its readiness (start-up left out; the one-time adapter loads of the tenants
+     are in) until every request is answered: requests/s, and the CPU of all the
+     worker's processes (its process group, from /proc: utime+stime, reaped children included)
+     per request, split by stage with the worker's own per-batch accounting
+     (``flock_stage_cpu_seconds_total{stage}``, ``flock_thread_cpu_seconds_total{thread}``).
+
+Rows: consume, decode, tokenise, batch, engine (the engine's threads), reply_encode, produce,
+commit are timed by the worker per batch; "loop residual" is the rest of the event-loop threads
+(aiokafka's fetch/send I/O tasks, asyncio, HTTP); "native pools" is CPU of threads Python does not
+know (torch/OpenMP, tokenizers); "total" is /proc. CPU time, not wall time, is the figure that
+matters on a shared machine. Prints a table, writes bench_out/dataplane-<ts>.json (or $OUT).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shutil
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from schema.messages import InferRequest  # noqa: E402
+from tests.serving_harness import WorkerProcess, make_topics  # noqa: E402
+from workers.config import settings  # noqa: E402
+from workers.loadgen import WORDS  # noqa: E402
+
+STAGES = ("consume", "decode", "tokenise", "batch", "engine", "reply_encode", "produce", "commit")
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def tiny_checkpoint(out: Path) -> Path:
+    """1 layer, 64 wide, random weights; the MiniLM tokenizer (vocabulary 30522)."""
+    if (out / "config.json").is_file() and (out / "tokenizer.json").is_file():
+        return out
+    from workers.engine.synthetic import save_random_bert
+    from workers.models import resolve_model_dir
+    out.mkdir(parents=True, exist_ok=True)
+    save_random_bert(str(out), hidden=64, layers=1, heads=2, intermediate=128, max_pos=512)
+    minilm = resolve_model_dir("sentence-transformers/all-MiniLM-L6-v2")
+    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (minilm / f).is_file():
+            shutil.copy(minilm / f, out / f)
+    return out
+
+
+def register_tenants(model_dir: Path, tag: str, n: int) -> list[str]:
+    import torch
+
+    from tests.adapter_factory import random_delta
+    from workers.adapters.store import AdapterStore, make_backend
+    from workers.db import session_factory
+    from workers.models import base_dims
+    from workers.tenants import TenantRegistry
+    sessions = session_factory(settings().database_url)
+    reg, store = TenantRegistry(sessions), AdapterStore(sessions, make_backend("postgres", Path("/nonexistent")))
+    dims = base_dims(str(model_dir))
+    out = []
+    for i in range(n):
+        tid = f"{tag}-{i}"
+        config = {"r": 4, "alpha": 8, "sites": ["q", "v"], "task": "seq_cls",
+                  "labels": [f"l{j}" for j in range(2 + i % 3)], "pooling": "mean"}
+        tensors = random_delta("lora", config, dims, seed=i)
+        tensors["head.weight"] = torch.randn(len(config["labels"]), dims.hidden,
+                                             generator=torch.Generator().manual_seed(i))
+        reg.create(tid)
+        store.import_tensors(tid, "lora", config, tensors, str(model_dir))
+        out.append(tid)
+    return out
+
+
+def short_texts(n: int, seed: int) -> list[str]:
+    """8-64 tokens each with the MiniLM tokenizer (about 6-50 words of this vocabulary + 2 specials)."""
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 50))) for _ in range(n)]
+
+
+async def produce_backlog(bootstrap: str, topic: str, reqs: list[InferRequest]) -> None:
+    from aiokafka import AIOKafkaProducer
+    p = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True, acks="all", linger_ms=20,
+                         max_batch_size=256 * 1024)
+    await p.start()
+    try:
+        futs = [await p.send(topic, r.encode(), key=r.tenant_id.encode(), headers=r.headers()) for r in reqs]
+        await asyncio.gather(*futs)
+    finally:
+        await p.stop()
+
+
+def group_cpu(pgid: int) -> float:
+    """CPU seconds of every live process of the group, plus what their reaped children used."""
+    total = 0.0
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:
+            total += sum(int(x) for x in fields[11:15]) / TICK
+    return total
+
+
+def scrape(port: int) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        body = r.read().decode()
+    out: dict[str, float] = {}
+    for line in body.splitlines():
+        if line.startswith("#") or not line:
+            continue
+        name, _, value = line.rpartition(" ")
+        if name.startswith(("flock_stage_cpu_seconds_total", "flock_thread_cpu_seconds_total",
+                            "flock_replies_total", "flock_batch_sequences_count", "flock_batch_sequences_sum",
+                            "flock_engine_batches_total", "flock_engine_sequences_total")):
+            out[name] = out.get(name, 0.0) + float(value)
+    return out
+
+
+def replies(m: dict[str, float]) -> float:
+    return sum(v for k, v in m.items() if k.startswith("flock_replies_total"))
+
+
+def run_once(args, model_dir: Path, tenants: list[str], edges: int, tag: str) -> dict:
+    s = settings()
+    topics = asyncio.run(make_topics(s.kafka_bootstrap, tag, partitions=args.partitions))
+    warm = [InferRequest(tenant_id=t, text="warm up " + t) for t in tenants for _ in range(2)]
+    rng = random.Random(7)
+    texts = short_texts(args.requests, seed=1)
+    reqs = [InferRequest(tenant_id=rng.choice(tenants), text=x) for x in texts]
+    t = time.perf_counter()
+    asyncio.run(produce_backlog(s.kafka_bootstrap, topics.requests, warm + reqs))
+    print(f"[dataplane] edges={edges}: backlog of {len(warm)} + {len(reqs)} requests produced in "
+          f"{time.perf_counter() - t:.1f}s; starting the worker", flush=True)
+    env = {"FLOCK_EDGES": str(edges), "FLOCK_DEFAULT_BASE_MODEL": str(model_dir), "FLOCK_DEVICE": "cpu",
+           "FLOCK_BATCH_MAX_TOKENS": str(args.max_tokens), "FLOCK_BATCH_MAX_SEQS": str(args.max_seqs),
+           "FLOCK_COMMIT_INTERVAL_MS": "200", "FLOCK_VERSION_POLL_S": "60"}
+    env.update(dict(kv.split("=", 1) for kv in args.env))
+    w = WorkerProcess(s.database_url, topics, tag, **env)
+    total = len(warm) + len(reqs)
+    w.start(timeout=300, poll_s=0.02)
+    # From readiness on: start-up (imports, model load) is left out, the one-time adapter loads
+    # of the tenants are in (warm-up requests touch each tenant first).
+    cpu0, t0 = group_cpu(w.proc.pid), time.perf_counter()
+    m0 = scrape(w.port)
+    try:
+        deadline = time.time() + args.timeout
+        while time.time() < deadline:
+            time.sleep(0.2)
+            if replies(scrape(w.port)) >= total:
+                break
+        cpu1, t1 = group_cpu(w.proc.pid), time.perf_counter()
+        m1 = scrape(w.port)
+    finally:
+        rc = w.terminate()
+    n = replies(m1) - replies(m0)
+    if replies(m1) < total:
+        raise SystemExit(f"only {replies(m1):.0f} of {total} replies within {args.timeout}s:\n{w.log_tail()}")
+
+    def d(key: str) -> float:
+        return m1.get(key, 0.0) - m0.get(key, 0.0)
+    us = {st: d(f'flock_stage_cpu_seconds_total{{stage="{st}"}}') / n * 1e6 for st in STAGES}
+    cpu_total = (cpu1 - cpu0) / n * 1e6
+    native = d('flock_thread_cpu_seconds_total{thread="other"}') / n * 1e6
+    us["native pools"] = native
+    us["loop residual"] = cpu_total - sum(us.values())
+    us["total"] = cpu_total
+    seqs = d("flock_batch_sequences_sum") / max(1.0, d("flock_batch_sequences_count"))
+    return {"edges": edges, "requests": int(n), "seconds": t1 - t0, "rps": n / (t1 - t0),
+            "cpu_us_per_request": us, "mean_batch_seqs": seqs, "exit_code": rc,
+            "threads_us": {k: d(f'flock_thread_cpu_seconds_total{{thread="{k}"}}') / n * 1e6
+                           for k in ("loop", "tokenise", "engine", "other")}}
+
+
+def table(results: list[dict]) -> str:
+    rows = list(results[0]["cpu_us_per_request"])
+    head = f"{'CPU µs / request':22s}" + "".join(f"{'edges=' + str(r['edges']):>12s}" for r in results)
+    lines = [head, "-" * len(head)]
+    for k in rows:
+        lines.append(f"{k:22s}" + "".join(f"{r['cpu_us_per_request'][k]:12.1f}" for r in results))
+    lines.append("-" * len(head))
+    lines.append(f"{'requests/s':22s}" + "".join(f"{r['rps']:12.0f}" for r in results))
+    lines.append(f"{'mean seqs/batch':22s}" + "".join(f"{r['mean_batch_seqs']:12.1f}" for r in results))
+    lines.append(f"{'requests measured':22s}" + "".join(f"{r['requests']:12d}" for r in results))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--requests", type=int, default=20000)
+    ap.add_argument("--edges", type=int, nargs="+", default=[1])
+    ap.add_argument("--partitions", type=int, default=8)
+    ap.add_argument("--tenants", type=int, default=64)
+    ap.add_argument("--max-seqs", type=int, default=256)
+    ap.add_argument("--max-tokens", type=int, default=16384)
+    ap.add_argument("--timeout", type=float, default=600)
+    ap.add_argument("--label", default="", help="a name for this run in the JSON (e.g. before/after)")
+    ap.add_argument("--env", nargs="*", default=[], help="extra FLOCK_*=value settings for the worker")
+    ap.add_argument("--json", action="store_true", help="print the JSON instead of the table")
+    args = ap.parse_args()
+    out_dir = Path(os.environ.get("OUT", ROOT / "bench_out"))
+    model_dir = tiny_checkpoint(out_dir / "dataplane" / "tiny-bert-1x64")
+    tag = f"dp{int(time.time())}"
+    tenants = register_tenants(model_dir, tag, args.tenants)
+    results = [run_once(args, model_dir, tenants, e, f"{tag}e{e}") for e in args.edges]
+    doc = {"label": args.label, "cpu_count": os.cpu_count(), "requests": args.requests,
+           "partitions": args.partitions, "tenants": args.tenants, "argv": sys.argv[1:], "results": results}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"dataplane-{args.label or 'run'}-{int(time.time())}.json"
+    path.write_text(json.dumps(doc, indent=2))
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        print(table(results))
+        print(f"\nwritten to {path}")
+
+
+if __name__ == "__main__":
+    main()

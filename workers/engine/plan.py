@@ -34,13 +34,17 @@ class IndexPacker:
         return len(self._parts) - 1
 
     def ship(self, device: torch.device, stream=None) -> list[torch.Tensor]:
-        flat = np.concatenate(self._parts) if self._parts else np.zeros(0, np.int64)
-        host = torch.from_numpy(flat)
+        n = sum(p.size for p in self._parts)
         if device.type == "cuda":
-            host = host.pin_memory()
+            # Concatenate straight into a pinned buffer (torch's caching host allocator recycles it
+            # only after the copy that used it completed), then one async H2D copy.
+            host = torch.empty(n, dtype=torch.int64, pin_memory=True)
+            if n:
+                np.concatenate(self._parts, out=host.numpy())
             with torch.cuda.stream(stream) if stream is not None else _null():
                 dev = host.to(device, non_blocking=True)
         else:
+            host = torch.from_numpy(np.concatenate(self._parts) if self._parts else np.zeros(0, np.int64))
             dev = host
         out, off = [], 0
         for part, shape in zip(self._parts, self._shapes):
@@ -94,6 +98,9 @@ class HeadGroup:
     tok_nlabels: Any = None
     tok_order: list = field(default_factory=list)
     tok_lens: list = field(default_factory=list)
+    seq_pos: Any = None  # np.int64: seq_order as an array
+    tok_pos: Any = None  # np.int64: tok_order as an array
+    tok_lens_np: Any = None
 
 
 @dataclass
@@ -101,14 +108,16 @@ class BatchPlan:
     num_seqs: int
     num_tokens: int
     max_len: int
-    order: list[int]  # order[j] = original sequence index of sorted sequence j
-    residents: list  # per sorted sequence
+    order: Any  # np.int64 [B]: order[j] = original batch index of sorted sequence j
     input_ids: Any = None
     token_type_ids: Any = None
     positions: Any = None
     cu_seqlens: Any = None  # int32 on device
-    lengths_host: list = field(default_factory=list)
-    cu_host: list = field(default_factory=list)
+    lengths_host: Any = None  # np.int64 [B] per sorted sequence
+    cu_host: Any = None  # np.int64 [B+1]
+    tenants: list = field(default_factory=list)  # distinct residents (None = base only)
+    tenant_of_seq: Any = None  # np.int64 [B]: index into tenants per sorted sequence
+    rows: Any = None  # np.int64 [B, 9]: tenant_row() per sorted sequence
     pad_idx: Any = None  # [B, max_len] for padded attention (CPU path)
     valid_flat: Any = None
     tok_seq: Any = None  # [T] sorted-sequence index of each token (mean pooling)
@@ -119,6 +128,11 @@ class BatchPlan:
     heads: list[HeadGroup] = field(default_factory=list)
     layer_events: list = field(default_factory=list)  # per layer (+1 for heads): upload events to wait on
 
+    @property
+    def residents(self) -> list:
+        """Resident per sorted sequence (a Python list: for tests and debugging, not the hot path)."""
+        return [self.tenants[k] for k in self.tenant_of_seq.tolist()]
+
     def wait_layer(self, i: int) -> None:
         if i < len(self.layer_events) and self.layer_events[i]:
             stream = torch.cuda.current_stream()
@@ -126,14 +140,17 @@ class BatchPlan:
                 stream.wait_event(ev)
 
 
-def _pad_index(lens: list[int], max_len: int, base: int = 0):
+def _pad_index(lens, max_len: int, base: int = 0):
     """[n, max_len] token index (clamped) and flat valid positions, for sequences laid back to back."""
-    n = len(lens)
-    starts = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64) + base
+    lens_a = np.asarray(lens, dtype=np.int64)
+    n = lens_a.size
+    starts = np.zeros(n, dtype=np.int64)
+    np.cumsum(lens_a[:-1], out=starts[1:])
+    if base:
+        starts += base
     pos = np.arange(max_len, dtype=np.int64)[None, :]
-    lens_a = np.asarray(lens, dtype=np.int64)[:, None]
-    idx = starts[:, None] + np.minimum(pos, lens_a - 1)
-    valid = (np.arange(n, dtype=np.int64)[:, None] * max_len + pos)[pos < lens_a]
+    idx = starts[:, None] + np.minimum(pos, lens_a[:, None] - 1)
+    valid = np.flatnonzero(pos < lens_a[:, None])  # == row * max_len + col of each valid cell
     return idx, valid
 
 
@@ -158,69 +175,127 @@ def _tiles(lens, slots):
     return np.stack([starts, ends, slots[first][seg_of_tile]]).astype(np.int64)
 
 
-def build_plan(input_ids: torch.Tensor, token_type_ids: torch.Tensor | None, cu_seqlens: torch.Tensor,
-               residents: list, position_offset: int, device: torch.device, want_tiles: bool,
-               stream=None) -> BatchPlan:
-    """``residents[b]`` is the Resident of original sequence b (None: base-only, no head)."""
-    cu = cu_seqlens.tolist()
-    lens0 = [cu[b + 1] - cu[b] for b in range(len(cu) - 1)]
+_BANK_CODES: dict[str, int] = {}  # bank key -> small int (grouping only; any stable order works)
+_TASK_CODES = {"seq_cls": 0, "token_cls": 1}
+_NONE_ROW = (len(PET_ORDER), -1, 0, -1, -1, -1, 0, -1, 0)
 
-    def sort_key(b):
-        r = residents[b]
-        if r is None:
-            return (len(PET_ORDER), "", 0, b)
-        return (PET_ORDER.index(r.pet_type), r.bank_key or "", r.sort_slot, b)
 
-    order = sorted(range(len(lens0)), key=sort_key)
-    lens = [lens0[b] for b in order]
-    res_sorted = [residents[b] for b in order]
-    new_cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
-    T, B, max_len = int(new_cu[-1]), len(lens), max(lens)
+def _bank_code(bank) -> int:
+    if bank is None:
+        return -1
+    code = _BANK_CODES.get(bank.key)
+    if code is None:
+        code = _BANK_CODES.setdefault(bank.key, len(_BANK_CODES))
+    return code
 
-    ids_np = input_ids.numpy() if isinstance(input_ids, torch.Tensor) else np.asarray(input_ids)
-    old_start = np.asarray(cu, dtype=np.int64)[:-1][order]
-    tok_perm = np.repeat(old_start - new_cu[:-1], lens) + np.arange(int(new_cu[-1]), dtype=np.int64)
-    pk = IndexPacker()
-    h_ids = pk.add(ids_np.astype(np.int64)[tok_perm])
-    h_tt = pk.add(token_type_ids.numpy().astype(np.int64)[tok_perm]) if token_type_ids is not None else None
+
+def tenant_row(r) -> tuple:
+    """A resident's plan attributes as one int tuple, computed once per Resident and cached on it:
+    (pet code, bank code, sort slot, slot, head bank code, head slot, n labels, task code, pool code)."""
+    if r is None:
+        return _NONE_ROW
+    row = getattr(r, "_plan_row", None)
+    if row is None:
+        hb = r.head_bank
+        row = (PET_ORDER.index(r.pet_type), _bank_code(r.bank), int(r.sort_slot), int(r.slot),
+               _bank_code(hb) if hb is not None else -1, int(r.head_slot) if hb is not None else -1,
+               int(r.n_labels), _TASK_CODES.get(r.task, 0), POOL_CODES.get(getattr(r, "pooling", "cls"), 0))
+        try:
+            r._plan_row = row
+        except AttributeError:  # a resident type without a __dict__: recompute next time
+            pass
+    return row
+
+
+def unique_tenants(residents: list) -> tuple[list, np.ndarray]:
+    """Per-sequence residents (or None) -> (unique list, per-sequence index into it)."""
+    seen: dict[int, int] = {}
+    uniq: list = []
+    idx = np.empty(len(residents), dtype=np.int64)
+    for b, r in enumerate(residents):
+        k = seen.get(id(r))
+        if k is None:
+            k = seen[id(r)] = len(uniq)
+            uniq.append(r)
+        idx[b] = k
+    return uniq, idx
+
+
+def _as_np(t) -> np.ndarray:
+    return t.numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
+
+
+def build_plan(input_ids, token_type_ids, cu_seqlens, residents: list, position_offset: int,
+               device: torch.device, want_tiles: bool, stream=None, tenant_index=None, seqs=None) -> BatchPlan:
+    """Two calling forms:
+
+    * ``residents[b]`` is the Resident of original sequence b (None: base-only, no head);
+    * ``tenant_index`` given: ``residents`` is the list of distinct residents (None allowed) and
+      ``tenant_index[b]`` the index of sequence b's resident in it (what the runtime passes).
+
+    ``seqs`` (optional, sorted original sequence indices) computes only those sequences; the
+    others (failed tenants) are left out of the plan. ``plan.order[j]`` is always the ORIGINAL
+    batch index of sorted sequence j. Everything is whole-array numpy: no Python loop per
+    sequence or token (only per PET group / head group, bounded by config diversity, and per
+    tenant of the bank-less diff / MaskBERT groups).
+    """
+    cu_all = _as_np(cu_seqlens).astype(np.int64, copy=False)
+    if tenant_index is None:
+        uniq, tidx = unique_tenants(residents)
+    else:
+        uniq, tidx = list(residents), np.asarray(tenant_index, dtype=np.int64)
+    rows = np.array([tenant_row(r) for r in uniq] + [_NONE_ROW], dtype=np.int64).reshape(-1, len(_NONE_ROW))
+    sel = np.arange(cu_all.size - 1, dtype=np.int64) if seqs is None else np.asarray(seqs, dtype=np.int64)
+    trow = rows[tidx[sel]]  # [n, 9] per (selected) sequence
+    order_local = np.lexsort((trow[:, 2], trow[:, 1], trow[:, 0]))  # stable: ties keep batch order
+    order = sel[order_local]
+    tr = trow[order_local]
+    ten_sorted = tidx[order]  # index into uniq per sorted sequence
+    old_start = cu_all[:-1][order]
+    lens = cu_all[1:][order] - old_start
+    B = int(lens.size)
+    new_cu = np.zeros(B + 1, dtype=np.int64)
+    np.cumsum(lens, out=new_cu[1:])
+    T, max_len = int(new_cu[-1]), int(lens.max())
+
     tok_seq = np.repeat(np.arange(B, dtype=np.int64), lens)
-    positions = np.arange(T, dtype=np.int64) - new_cu[:-1][tok_seq] + position_offset
-    h_pos = pk.add(positions)
+    local = np.arange(T, dtype=np.int64) - new_cu[:-1][tok_seq]  # position inside its sequence
+    tok_perm = old_start[tok_seq] + local
+    pk = IndexPacker()
+    h_ids = pk.add(_as_np(input_ids)[tok_perm])
+    h_tt = pk.add(_as_np(token_type_ids)[tok_perm]) if token_type_ids is not None else None
+    h_pos = pk.add(local + position_offset if position_offset else local)
     h_cu = pk.add(new_cu)
     pad_idx, valid = _pad_index(lens, max_len)
     h_pad, h_valid, h_tokseq = pk.add(pad_idx), pk.add(valid), pk.add(tok_seq)
     h_cls = pk.add(new_cu[:-1])
 
-    plan = BatchPlan(num_seqs=B, num_tokens=T, max_len=max_len, order=order, residents=res_sorted,
-                     lengths_host=lens, cu_host=new_cu.tolist())
+    plan = BatchPlan(num_seqs=B, num_tokens=T, max_len=max_len, order=order,
+                     lengths_host=lens, cu_host=new_cu)
+    plan.tenants, plan.tenant_of_seq, plan.rows = uniq, ten_sorted, tr
 
-    # PET groups: runs of sorted sequences with the same (pet_type, bank).
+    # PET groups: runs of sorted sequences with the same (pet_type, bank); base-only rows excluded.
+    pet, bank = tr[:, 0], tr[:, 1]
+    cut = np.flatnonzero((pet[1:] != pet[:-1]) | (bank[1:] != bank[:-1])) + 1
+    starts = np.concatenate([[0], cut]).astype(np.int64)
+    ends = np.concatenate([cut, [B]]).astype(np.int64)
     group_handles = []
-    j = 0
-    while j < B:
-        r = res_sorted[j]
-        if r is None:
-            j += 1
+    for j, k in zip(starts.tolist(), ends.tolist()):
+        if pet[j] == len(PET_ORDER):
             continue
-        k = j
-        while k < B and res_sorted[k] is not None and res_sorted[k].pet_type == r.pet_type \
-                and res_sorted[k].bank_key == r.bank_key:
-            k += 1
+        r = uniq[ten_sorted[j]]
         g_lens = lens[j:k]
-        slots = [res_sorted[s].slot for s in range(j, k)]
         t0, t1 = int(new_cu[j]), int(new_cu[k])
-        seg = Segments(t0=t0, t1=t1, max_len=max(g_lens))
+        seg = Segments(t0=t0, t1=t1, max_len=int(g_lens.max()))
         tenants = []
-        if r.bank is None:  # per-tenant ops: contiguous range of each tenant
-            s = j
-            while s < k:
-                e = s
-                while e < k and res_sorted[e] is res_sorted[s]:
-                    e += 1
-                tenants.append((res_sorted[s], int(new_cu[s]), int(new_cu[e])))
-                s = e
+        if r.bank is None:  # per-tenant ops: contiguous range of each tenant (sorted by sort_slot)
+            ts = ten_sorted[j:k]
+            tcut = np.flatnonzero(ts[1:] != ts[:-1]) + 1 + j
+            for s, e in zip(np.concatenate([[j], tcut]).tolist(), np.concatenate([tcut, [k]]).tolist()):
+                tenants.append((uniq[ten_sorted[s]], int(new_cu[s]), int(new_cu[e])))
             hs = None
         else:
+            slots = tr[j:k, 3]
             gp, gv = _pad_index(g_lens, seg.max_len)
             hs = [pk.add(slots), pk.add(np.repeat(slots, g_lens)), pk.add(gp), pk.add(gv)]
             if want_tiles:
@@ -229,35 +304,31 @@ def build_plan(input_ids: torch.Tensor, token_type_ids: torch.Tensor | None, cu_
                 hs.append(pk.add(tiles))
         group_handles.append(hs)
         plan.groups.append(PetGroup(r.pet_type, r.bank, seg, tenants))
-        j = k
 
     # Pooling rows and head groups (heads are independent of the PET grouping).
-    pool_kind = np.array([POOL_CODES.get(getattr(r, "pooling", "cls"), 0) if r is not None else 0
-                          for r in res_sorted])
-    h_mean = pk.add(np.nonzero(pool_kind == 1)[0])
-    h_pooler = pk.add(np.nonzero(pool_kind == 2)[0])
-    heads: dict[str, dict] = {}
-    for s, r in enumerate(res_sorted):
-        if r is None or r.head_bank is None:
-            continue
-        d = heads.setdefault(r.head_bank.key, {"bank": r.head_bank, "seq": [], "tok": []})
-        d["tok" if r.task == "token_cls" else "seq"].append(s)
+    pool_kind = tr[:, 8]
+    h_mean = pk.add(np.flatnonzero(pool_kind == 1))
+    h_pooler = pk.add(np.flatnonzero(pool_kind == 2))
+    head_code, task = tr[:, 4], tr[:, 7]
     head_handles = []
-    for d in heads.values():
-        hg = HeadGroup(bank=d["bank"], seq_order=d["seq"], tok_order=d["tok"])
+    for hc in np.unique(head_code[head_code >= 0]).tolist():
+        members = head_code == hc
+        seq_pos = np.flatnonzero(members & (task == 0))
+        tok_pos = np.flatnonzero(members & (task == 1))
+        first = int(seq_pos[0] if seq_pos.size else tok_pos[0])
+        hg = HeadGroup(bank=uniq[ten_sorted[first]].head_bank, seq_order=seq_pos.tolist(), tok_order=tok_pos.tolist())
+        hg.seq_pos, hg.tok_pos = seq_pos, tok_pos
         hh = {}
-        if d["seq"]:
-            hh["seq"] = (pk.add(d["seq"]), pk.add([res_sorted[s].head_slot for s in d["seq"]]),
-                         pk.add([res_sorted[s].n_labels for s in d["seq"]]))
-        if d["tok"]:
-            tl = [lens[s] for s in d["tok"]]
-            hg.tok_lens = tl
-            mx = max(tl)
-            pos = np.arange(mx)[None, :]
-            idx = new_cu[d["tok"]][:, None] + np.minimum(pos, np.asarray(tl)[:, None] - 1)
-            vf = (np.arange(len(tl))[:, None] * mx + pos)[pos < np.asarray(tl)[:, None]]
-            hh["tok"] = (pk.add(idx), pk.add(vf), pk.add([res_sorted[s].head_slot for s in d["tok"]]),
-                         pk.add([res_sorted[s].n_labels for s in d["tok"]]))
+        if seq_pos.size:
+            hh["seq"] = (pk.add(seq_pos), pk.add(tr[seq_pos, 5]), pk.add(tr[seq_pos, 6]))
+        if tok_pos.size:
+            tl = lens[tok_pos]
+            hg.tok_lens = tl.tolist()
+            hg.tok_lens_np = tl
+            idx, vf = _pad_index(tl, int(tl.max()))
+            # absolute token index: sequence s's tokens start at new_cu[s]
+            idx = idx - np.concatenate([[0], np.cumsum(tl)[:-1]])[:, None] + new_cu[tok_pos][:, None]
+            hh["tok"] = (pk.add(idx), pk.add(vf), pk.add(tr[tok_pos, 5]), pk.add(tr[tok_pos, 6]))
         head_handles.append(hh)
         plan.heads.append(hg)
 

@@ -225,12 +225,13 @@ class Engine:
         plan = job.plan
         if plan is not None:
             keep = job.keep
+            order, res_sorted = plan.order.tolist(), plan.residents
             for hg, kind, host in job.results:
                 logits, probs = host[0], host[1]
                 if kind == "seq":
                     for row, s in enumerate(hg.seq_order):
-                        out = job.outputs[keep[plan.order[s]]]
-                        res = plan.residents[s]
+                        out = job.outputs[keep[order[s]]]
+                        res = res_sorted[s]
                         n = res.n_labels
                         p = probs[row, :n]
                         out.scores, out.logits = p.tolist(), logits[row, :n].tolist()
@@ -239,8 +240,8 @@ class Engine:
                 else:
                     off = 0
                     for s, ln in zip(hg.tok_order, hg.tok_lens):
-                        out = job.outputs[keep[plan.order[s]]]
-                        res = plan.residents[s]
+                        out = job.outputs[keep[order[s]]]
+                        res = res_sorted[s]
                         n = res.n_labels
                         p = probs[off:off + ln, :n]
                         out.token_scores = p.tolist()

@@ -32,7 +32,9 @@ _SITE_OF_MODULE = {
 }
 _LAYER_KEY = re.compile(r"(?:^|\.)layer\.(\d+)\.(" + "|".join(re.escape(m) for m in _SITE_OF_MODULE)
                         + r")\.(lora_A|lora_B|ia3_l)(?:\.weight)?$")
+_POOLER_KEY = re.compile(r"(?:^|\.)pooler\.dense\.(lora_A|lora_B|ia3_l)(?:\.weight)?$")
 _HEAD_KEY = re.compile(r"(?:^|\.)(classifier|score)\.(weight|bias)$")
+_PEFT_PREFIX = "base_model.model."
 _TASKS = {"SEQ_CLS": "seq_cls", "TOKEN_CLS": "token_cls"}
 
 
@@ -119,57 +121,148 @@ def _read_peft(path: Path, labels: list[str] | None, pooling: str | None, max_by
     if pc.get("fan_in_fan_out"):
         raise AdapterRejected("fan_in_fan_out adapters (Conv1D models) are not BERT-family")
     if peft_type == "LORA":
-        for key, bad in (("use_dora", True), ("bias", "all"), ("bias", "lora_only")):
-            if pc.get(key) == bad:
-                raise AdapterRejected(f"LoRA with {key}={bad!r} is not supported")
-        if pc.get("rank_pattern") or pc.get("alpha_pattern"):
-            raise AdapterRejected("per-module rank_pattern/alpha_pattern are not supported")
+        if pc.get("use_dora"):
+            raise AdapterRejected("DoRA (use_dora=True) is not supported; train with use_dora=False")
+        if pc.get("bias", "none") != "none":
+            raise AdapterRejected(f"LoRA with bias={pc.get('bias')!r} trains base biases, which Flock does "
+                                  "not serve with LoRA; train with bias='none'")
     raw = _weights(path, PEFT_WEIGHTS, max_bytes)
 
-    tensors: dict[str, torch.Tensor] = {}
-    cells: set[tuple[int, str]] = set()
+    # (layer | None for the pooler, site) -> {"lora_A"|"lora_B"|"ia3_l": tensor}, plus the PEFT module name
+    found: dict[tuple[int | None, str], dict[str, torch.Tensor]] = {}
+    module_of: dict[tuple[int | None, str], str] = {}
     head: dict[str, torch.Tensor] = {}
     for key, t in raw.items():
         m = _LAYER_KEY.search(key)
-        if m:
-            layer, site, kind = int(m.group(1)), _SITE_OF_MODULE[m.group(2)], m.group(3)
-            cells.add((layer, site))
-            if kind == "ia3_l":
-                # PEFT keeps (out, 1) for output scaling and (1, in) for feed-forward input scaling;
-                # Flock's ffn "scale" multiplies the intermediate activation (= ffn_out's input).
-                if site == "ffn_out":
-                    site = "ffn_in"
-                tensors[f"layers.{layer}.{site}.scale"] = t.reshape(-1)
-            else:
-                tensors[f"layers.{layer}.{site}.{kind}"] = t
+        p = None if m else _POOLER_KEY.search(key)
+        if m or p:
+            cell = (int(m.group(1)), _SITE_OF_MODULE[m.group(2)]) if m else (None, "pooler")
+            kind = m.group(3) if m else p.group(1)
+            found.setdefault(cell, {})[kind] = t
+            module_of[cell] = key[len(_PEFT_PREFIX):] if key.startswith(_PEFT_PREFIX) else key
+            module_of[cell] = module_of[cell][:module_of[cell].rindex("." + kind)]
             continue
         h = _HEAD_KEY.search(key)
         if h:
             head[h.group(2)] = t
             continue
-        raise AdapterRejected(f"unrecognised tensor {key!r} (not a BERT-family LoRA/IA3 or classifier weight)")
-    if not cells:
+        raise AdapterRejected(_unsupported_tensor(key, task))
+    if not found:
         raise AdapterRejected("no adapter tensors found")
-    if set(head) != {"weight", "bias"}:
+    if set(head) != {"weight", "bias"} or head["weight"].dim() != 2:
         raise AdapterRejected("no classification head: train with modules_to_save=['classifier'] "
                               "(a linear classifier with weight and bias)")
-    layers = sorted({c[0] for c in cells})
-    sites = sorted({c[1] for c in cells})
-    if len(cells) != len(layers) * len(sites):
-        raise AdapterRejected("adapter must target the same modules in every adapted layer")
-    n_labels = head["weight"].shape[0] if head["weight"].dim() == 2 else 0
-    tensors["head.weight"], tensors["head.bias"] = head["weight"], head["bias"]
-    config: dict[str, Any] = {"task": task, "labels": _labels_for(path, n_labels, labels), "layers": layers}
+    n_labels = head["weight"].shape[0]
+    tensors: dict[str, torch.Tensor] = {"head.weight": head["weight"], "head.bias": head["bias"]}
+    config: dict[str, Any] = {"task": task, "labels": _labels_for(path, n_labels, labels)}
     if task == "seq_cls":
         config["pooling"] = pooling or "pooler"  # HF *ForSequenceClassification classifies the pooler output
     if peft_type == "LORA":
-        r = int(pc.get("r", 8))
-        alpha = float(pc.get("lora_alpha", r))
-        if pc.get("use_rslora"):
-            alpha = alpha * r / math.sqrt(r)  # Flock scales by alpha/r; rsLoRA by alpha/sqrt(r)
-        config.update(r=r, alpha=alpha, sites=sites)
         pet_type = "lora"
+        cells = _lora_cells(found, module_of, pc, tensors, config)
     else:
-        config.update(sites=sorted({"ffn_in" if s == "ffn_out" else s for s in sites}))
         pet_type = "ia3"
+        cells = _ia3_cells(found, tensors)
+    _place(config, cells)
     return ImportedAdapter(pet_type, config, tensors, pc.get("base_model_name_or_path"))
+
+
+def _unsupported_tensor(key: str, task: str) -> str:
+    if re.search(r"(?:^|\.)classifier\.(dense|out_proj)\.", key):
+        return (f"tensor {key!r}: RobertaForSequenceClassification's head (classifier.dense + tanh + "
+                "classifier.out_proj) is two layers; Flock serves one linear head. Import a RoBERTa "
+                "adapter trained with task_type='TOKEN_CLS', or a BERT/MiniLM SEQ_CLS adapter")
+    if re.search(r"(?:^|\.)pre_classifier\.", key):
+        return (f"tensor {key!r}: DistilBertForSequenceClassification's head (pre_classifier + ReLU + "
+                "classifier) is two layers; Flock serves one linear head. Import a DistilBERT adapter "
+                "trained with task_type='TOKEN_CLS'")
+    if re.search(r"lora_embedding_[AB]|(?:^|\.)embeddings\.", key):
+        return (f"tensor {key!r}: LoRA/IA3 on the embeddings is not served; remove the embedding "
+                "modules (word_embeddings, position_embeddings, ...) from target_modules")
+    if re.search(r"lora_magnitude_vector", key):
+        return f"tensor {key!r}: DoRA is not supported; train with use_dora=False"
+    if re.search(r"\.(lora_A|lora_B|ia3_l)(\.|$)", key):
+        return (f"tensor {key!r}: a LoRA/IA3 module outside the encoder's linear layers; set "
+                "target_modules to query, key, value, attention.output.dense, intermediate.dense, "
+                "output.dense, pooler.dense (BERT/RoBERTa/MiniLM) or q_lin, k_lin, v_lin, out_lin, lin1, "
+                "lin2 (DistilBERT), or 'all-linear'")
+    return (f"unrecognised tensor {key!r}: only LoRA/IA3 weights of the encoder's linear layers and "
+            "a linear classifier may be saved; keep modules_to_save=['classifier'] and nothing else")
+
+
+def _lora_cells(found, module_of, pc, tensors, config) -> dict[str, list[int | None]]:
+    """LoRA tensors into Flock's layout; per-module ranks / alphas (rank_pattern, alpha_pattern)
+    are zero-padded to the largest rank with each module's scale folded into its B (exact)."""
+    r0, alpha0 = int(pc.get("r", 8)), float(pc.get("lora_alpha", pc.get("r", 8)))
+    rank_pat, alpha_pat = pc.get("rank_pattern") or {}, pc.get("alpha_pattern") or {}
+    rs = pc.get("use_rslora", False)
+    per: dict = {}
+    for cell, d in found.items():
+        if set(d) != {"lora_A", "lora_B"}:
+            raise AdapterRejected(f"{module_of[cell]}: needs both lora_A and lora_B (has {sorted(d)})")
+        a, b = d["lora_A"], d["lora_B"]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+            raise AdapterRejected(f"{module_of[cell]}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} "
+                                  "do not form a LoRA pair")
+        name = module_of[cell]
+        r = int(rank_pat.get(_pattern_key(rank_pat, name), r0)) if rank_pat else r0
+        if a.shape[0] != r:
+            raise AdapterRejected(f"{name}: lora_A has rank {a.shape[0]}, adapter_config.json says {r}")
+        alpha = float(alpha_pat.get(_pattern_key(alpha_pat, name), alpha0)) if alpha_pat else alpha0
+        per[cell] = (r, alpha / (math.sqrt(r) if rs else r))
+    ranks, scales = {r for r, _ in per.values()}, {s for _, s in per.values()}
+    uniform = len(ranks) == 1 and len(scales) == 1
+    r_max = max(ranks)
+    for cell, d in found.items():
+        a, b = d["lora_A"], d["lora_B"]
+        if not uniform:  # pad to r_max, fold the module's own scale; the layout's scale is 1
+            r, s = per[cell]
+            a = torch.cat([a, a.new_zeros(r_max - r, a.shape[1])])
+            b = torch.cat([b.float() * s, b.new_zeros(b.shape[0], r_max - r, dtype=torch.float32)], 1)
+        pre = "pooler" if cell[0] is None else f"layers.{cell[0]}.{cell[1]}"
+        tensors[f"{pre}.lora_A"], tensors[f"{pre}.lora_B"] = a, b
+    if uniform:
+        # Flock scales by alpha/r; rsLoRA by alpha/sqrt(r)
+        config.update(r=r_max, alpha=next(iter(scales)) * r_max)
+    else:
+        config.update(r=r_max, alpha=float(r_max))
+    out: dict[str, list] = {}
+    for layer, site in found:
+        out.setdefault(site, []).append(layer)
+    return out
+
+
+def _pattern_key(patterns, name: str) -> str:
+    """PEFT's rule (peft.utils.other.get_pattern_key): first pattern matching a suffix of the name."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", name):
+            return key
+    return name
+
+
+def _ia3_cells(found, tensors) -> dict[str, list[int | None]]:
+    """PEFT keeps (out, 1) for output scaling and (1, in) for input scaling (feedforward_modules)."""
+    out: dict[str, list] = {}
+    for (layer, site), d in found.items():
+        if set(d) != {"ia3_l"}:
+            raise AdapterRejected(f"IA3 adapter holds {sorted(d)} on {site}")
+        t = d["ia3_l"]
+        if t.dim() != 2 or 1 not in t.shape:
+            raise AdapterRejected(f"IA3 vector on {site} has shape {tuple(t.shape)}; expected (out, 1) or (1, in)")
+        mode = "in" if t.shape[0] == 1 and t.shape[1] > 1 else "out"
+        entry = f"{site}.{mode}"
+        tensors[f"{site}.{mode}_scale" if layer is None else f"layers.{layer}.{site}.{mode}_scale"] = t.reshape(-1)
+        out.setdefault(entry, []).append(layer)
+    return out
+
+
+def _place(config: dict, cells: dict[str, list[int | None]]) -> None:
+    """sites + layers when every entry covers the same layers, else sites + site_layers."""
+    config["sites"] = sorted(cells)
+    per_layer = {e: sorted(ls) for e, ls in cells.items() if ls != [None]}
+    layer_sets = {tuple(ls) for ls in per_layer.values()}
+    if len(layer_sets) <= 1:
+        if layer_sets:
+            config["layers"] = list(next(iter(layer_sets)))
+    else:
+        config["site_layers"] = per_layer

@@ -11,8 +11,17 @@ the task head. Linear sites of a BERT layer, with (in, out) features:
     attn_out     hidden -> hidden        attention output dense
     ffn_in       hidden -> intermediate  feed-forward up-projection
     ffn_out      intermediate -> hidden  feed-forward down-projection
+    pooler       hidden -> hidden        the base model's pooler dense (LoRA / IA3 only; not per
+                                         layer: tensors ``pooler.{param}``; acts with pooling "pooler")
 
 Weights follow the torch ``nn.Linear`` convention (out, in).
+
+LoRA and IA3 place a delta on a set of (layer, site) cells: ``sites`` on every layer of ``layers``,
+or, with ``site_layers`` ({entry: [layers]}), each entry on its own layers (PEFT regex targets,
+``layers_to_transform`` with mixed module sets). IA3 entries are ``SITE.out`` (the site's output,
+bias included, times l) or ``SITE.in`` (its input times l, PEFT ``feedforward_modules``); the
+legacy names ``k``, ``v`` (= ``k.out``, ``v.out``) and ``ffn_in`` (= ``ffn_out.in``: the
+intermediate activation after the nonlinearity) keep their tensor names ``layers.i.S.scale``.
 """
 
 from __future__ import annotations
@@ -23,6 +32,10 @@ from typing import Any, Mapping
 from schema.pet import PET_TYPES
 
 LINEAR_SITES = ("q", "k", "v", "attn_out", "ffn_in", "ffn_out")
+POOLER = "pooler"
+PEFT_SITES = LINEAR_SITES + (POOLER,)  # where LoRA / IA3 deltas may sit
+IA3_LEGACY = {"k": ("k", "out"), "v": ("v", "out"), "ffn_in": ("ffn_out", "in")}
+IA3_ENTRIES = tuple(IA3_LEGACY) + tuple(f"{s}.{m}" for s in PEFT_SITES for m in ("in", "out"))
 LAYERNORM_SITES = ("attn_ln", "ffn_ln")  # LN after attention block / after FFN block
 ADAPTER_PLACEMENTS = {"houlsby": ("attn", "ffn"), "pfeiffer": ("ffn",)}
 ADAPTER_ACTIVATIONS = ("relu", "gelu", "tanh")
@@ -61,7 +74,7 @@ class BaseDims:
         """(out, in) of a linear site."""
         h, m = self.hidden, self.intermediate
         return {"q": (h, h), "k": (h, h), "v": (h, h), "attn_out": (h, h),
-                "ffn_in": (m, h), "ffn_out": (h, m)}[site]
+                "ffn_in": (m, h), "ffn_out": (h, m), "pooler": (h, h)}[site]
 
 
 @dataclass(frozen=True)
@@ -96,6 +109,54 @@ def _sites(cfg: Mapping[str, Any], allowed: tuple[str, ...], default: tuple[str,
     return list(sites)
 
 
+def ia3_entry(entry: str) -> tuple[str, str]:
+    """(site, "in" | "out") of an IA3 entry (legacy names included)."""
+    if entry in IA3_LEGACY:
+        return IA3_LEGACY[entry]
+    site, mode = entry.rsplit(".", 1)
+    return site, mode
+
+
+def ia3_tensor(entry: str, layer: int | None) -> str:
+    """Tensor name of one IA3 scale: legacy ``layers.i.S.scale``, else ``layers.i.S.{in,out}_scale``."""
+    if entry in IA3_LEGACY:
+        return f"layers.{layer}.{entry}.scale"
+    site, mode = ia3_entry(entry)
+    return f"{site}.{mode}_scale" if site == POOLER else f"layers.{layer}.{site}.{mode}_scale"
+
+
+def ia3_size(entry: str, dims: "BaseDims") -> int:
+    site, mode = ia3_entry(entry)
+    out_f, in_f = dims.site_shape(site)
+    return in_f if mode == "in" else out_f
+
+
+def cells(cfg: Mapping[str, Any], dims: BaseDims, entries: list[str]) -> list[tuple[int, str]]:
+    """(layer, entry) pairs a LoRA / IA3 delta covers (per-layer entries only; the pooler is not
+    per layer). ``site_layers`` ({entry: [layers]}) overrides the ``sites`` x ``layers`` product."""
+    per_layer = [e for e in entries if e != POOLER and not e.startswith(POOLER + ".")]
+    sl = cfg.get("site_layers")
+    if sl is None:
+        return [(i, e) for i in _layers(cfg, dims) for e in per_layer]
+    _need(isinstance(sl, dict), "config.site_layers must map each site to a list of layer indices")
+    _need(sorted(sl) == sorted(per_layer), f"config.site_layers keys {sorted(sl)} must be the "
+          f"per-layer sites {sorted(per_layer)}")
+    out = []
+    for e in per_layer:
+        _need(isinstance(sl[e], list) and bool(sl[e]), f"config.site_layers[{e!r}] must be a non-empty list")
+        ls = _layers({"layers": sl[e]}, dims)
+        out += [(i, e) for i in ls]
+    return sorted(out)
+
+
+def _ia3_entries(cfg: Mapping[str, Any]) -> list[str]:
+    entries = _sites(cfg, IA3_ENTRIES, ("k", "v", "ffn_in"))
+    canon = [ia3_entry(e) for e in entries]
+    _need(len(set(canon)) == len(canon), "config.sites names one IA3 scale twice "
+          "(legacy k, v, ffn_in are k.out, v.out, ffn_out.in)")
+    return entries
+
+
 def validate_config(pet_type: str, cfg: Mapping[str, Any]) -> None:
     """Check a delta's config for sanity (independently of tensors)."""
     _need(pet_type in PET_TYPES, f"unsupported PET type {pet_type!r}; supported {list(PET_TYPES)}")
@@ -108,6 +169,8 @@ def validate_config(pet_type: str, cfg: Mapping[str, Any]) -> None:
     _need(len(set(labels)) == len(labels), "config.labels has duplicates")
     if task == "seq_cls":
         _need(cfg.get("pooling", "cls") in POOLINGS, f"config.pooling must be one of {list(POOLINGS)}")
+    if pet_type in ("lora", "ia3") and cfg.get("site_layers") is not None:
+        _need(cfg.get("layers") is None, "config.layers and config.site_layers are exclusive")
     if pet_type == "lora":
         r = cfg.get("r")
         _need(isinstance(r, int) and 1 <= r <= MAX_LORA_RANK, f"config.r must be 1..{MAX_LORA_RANK}")
@@ -133,11 +196,14 @@ def expected_tensors(pet_type: str, cfg: Mapping[str, Any], dims: BaseDims) -> l
     layers = _layers(cfg, dims)
     if pet_type == "lora":
         r = cfg["r"]
-        for i in layers:
-            for s in _sites(cfg, LINEAR_SITES, ("q", "v")):
-                out_f, in_f = dims.site_shape(s)
-                specs.append(TensorSpec(f"layers.{i}.{s}.lora_A", (r, in_f), "float"))
-                specs.append(TensorSpec(f"layers.{i}.{s}.lora_B", (out_f, r), "float"))
+        sites = _sites(cfg, PEFT_SITES, ("q", "v"))
+        for i, s in cells(cfg, dims, sites):
+            out_f, in_f = dims.site_shape(s)
+            specs.append(TensorSpec(f"layers.{i}.{s}.lora_A", (r, in_f), "float"))
+            specs.append(TensorSpec(f"layers.{i}.{s}.lora_B", (out_f, r), "float"))
+        if POOLER in sites:
+            specs.append(TensorSpec("pooler.lora_A", (r, dims.hidden), "float"))
+            specs.append(TensorSpec("pooler.lora_B", (dims.hidden, r), "float"))
     elif pet_type == "adapter":
         b, h = cfg["bottleneck"], dims.hidden
         for i in layers:
@@ -151,9 +217,12 @@ def expected_tensors(pet_type: str, cfg: Mapping[str, Any], dims: BaseDims) -> l
             for s in LINEAR_SITES:
                 specs.append(TensorSpec(f"layers.{i}.{s}.bias", (dims.site_shape(s)[0],), "float"))
     elif pet_type == "ia3":
-        for i in layers:
-            for s in _sites(cfg, ("k", "v", "ffn_in"), ("k", "v", "ffn_in")):
-                specs.append(TensorSpec(f"layers.{i}.{s}.scale", (dims.site_shape(s)[0],), "float"))
+        entries = _ia3_entries(cfg)
+        for i, e in cells(cfg, dims, entries):
+            specs.append(TensorSpec(ia3_tensor(e, i), (ia3_size(e, dims),), "float"))
+        for e in entries:
+            if ia3_entry(e)[0] == POOLER:
+                specs.append(TensorSpec(ia3_tensor(e, None), (dims.hidden,), "float"))
     elif pet_type == "diff":
         for i in layers:
             for s in _sites(cfg, LINEAR_SITES, LINEAR_SITES):

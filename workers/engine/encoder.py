@@ -91,8 +91,12 @@ class Encoder:
         return self._layer_norm(plan, i, ln_site, x + o, w, b)
 
     def _ffn_in(self, plan, i, lw, x):
-        touched = any(g.pet_type in ("diff", "maskbert") or
-                      (g.pet_type == "lora" and g.bank.get("A.ffn_in") is not None) for g in plan.groups)
+        if ia3.uses(plan.groups, "in.ffn_in"):  # IA3 input scaling: a scaled copy (x stays the residual)
+            x = x.clone()
+            self._ia3(plan, i, "in.ffn_in", x)
+        pre = ia3.uses(plan.groups, "scale.ffn_pre")  # IA3 between the GEMM and the nonlinearity
+        touched = pre or any(g.pet_type in ("diff", "maskbert") or
+                             (g.pet_type == "lora" and g.bank.get("A.ffn_in") is not None) for g in plan.groups)
         bf = [g for g in plan.groups if g.pet_type == "bitfit"]
         if self.fast_gelu and not touched:
             if not bf:
@@ -102,6 +106,8 @@ class Encoder:
                 bitfit.apply_bias(bf[0], i, "ffn_in", f, act="gelu_tanh")
                 return f
         f = self._gemm(plan, i, "ffn_in", lw, x, lw.wi, lw.bi)
+        if pre:
+            self._ia3(plan, i, "scale.ffn_pre", f)
         return self.act(f)
 
     def _layer_norm(self, plan, i, ln_site, pre, w, b):
@@ -121,6 +127,11 @@ class Encoder:
             if g.pet_type == "ia3":
                 ia3.apply_scale(g, i, name, y)
 
+    def _ia3_qkv_in(self, plan, i, x, qkv, lw):
+        for g in plan.groups:
+            if g.pet_type == "ia3":
+                ia3.apply_qkv_in(g, i, x, qkv, lw, self.dims)
+
     def forward(self, plan) -> torch.Tensor:
         """Final hidden states [T, h] of the plan's (sorted) tokens."""
         heads = self.dims.heads
@@ -129,14 +140,18 @@ class Encoder:
         for i, lw in enumerate(self.base.layers):
             plan.wait_layer(i)
             qkv = self._gemm(plan, i, "qkv", lw, x, lw.wqkv, lw.bqkv)
+            self._ia3_qkv_in(plan, i, x, qkv, lw)
             self._ia3(plan, i, "qkv", qkv)
             ctx = packed_attention(qkv, plan, heads)
+            self._ia3(plan, i, "in.attn_out", ctx)
             o = self._gemm(plan, i, "attn_out", lw, ctx, lw.wo, lw.bo)
+            self._ia3(plan, i, "scale.attn_out", o)
             self._adapters(plan, i, "attn", o)
             x = self._add_layer_norm(plan, i, "attn_ln", x, o, lw.ln1_w, lw.ln1_b)
             f = self._ffn_in(plan, i, lw, x)
             self._ia3(plan, i, "ffn_act", f)
             o2 = self._gemm(plan, i, "ffn_out", lw, f, lw.wo2, lw.bo2)
+            self._ia3(plan, i, "scale.ffn_out", o2)
             self._adapters(plan, i, "ffn", o2)
             x = self._add_layer_norm(plan, i, "ffn_ln", x, o2, lw.ln2_w, lw.ln2_b)
         plan.wait_layer(len(self.base.layers))  # heads

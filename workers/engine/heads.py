@@ -10,6 +10,7 @@ import torch
 from workers.adapters.layout import BaseDims
 from workers.engine.bank import BankLayout, SlotSpec
 from workers.engine.batch import TenantDelta
+from workers.engine.pets import pooler as pooler_pets
 from workers.engine.pets.common import next_bucket
 
 LABEL_BUCKETS = (2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -37,6 +38,12 @@ def pool(hidden: torch.Tensor, plan, pooler_w, pooler_b) -> torch.Tensor:
         lens = (plan.cu_seqlens[1:] - plan.cu_seqlens[:-1]).to(torch.float32).unsqueeze(1)
         pooled[plan.mean_rows] = (sums / lens).to(hidden.dtype).index_select(0, plan.mean_rows)
     if plan.pooler_rows.numel():
+        if pooler_pets.active(plan):  # tenant deltas on the pooler dense: pre-tanh, per group
+            cls = hidden.index_select(0, plan.cls_rows)
+            z = torch.addmm(pooler_b, cls, pooler_w.t())
+            pooler_pets.apply(plan, cls, z, pooler_w, pooler_b)
+            pooled[plan.pooler_rows] = torch.tanh(z.index_select(0, plan.pooler_rows))
+            return pooled
         cls = pooled.index_select(0, plan.pooler_rows)
         pooled[plan.pooler_rows] = torch.tanh(torch.addmm(pooler_b, cls, pooler_w.t()))
     return pooled

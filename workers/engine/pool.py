@@ -218,12 +218,17 @@ class AdapterPool:
                     res.head_bank.tensors[n][res.head_slot].copy_(t, non_blocking=True)
                 if hd.sparse is not None:
                     res.sparse = {n: t.to(self.device, non_blocking=True) for n, t in hd.sparse.items()}
+                if hd.bank_tensors is not None:  # bank tensors not per layer (pooler deltas)
+                    for n, spec in hd.bank_layout.specs.items():
+                        if not spec.per_layer:
+                            res.bank.tensors[n][res.slot].copy_(hd.bank_tensors[n], non_blocking=True)
             for i in range(L):
                 for res, hd in items:
                     if hd.bank_tensors is None:
                         continue
                     for n, spec in hd.bank_layout.specs.items():
-                        res.bank.tensors[n][res.slot, i].copy_(hd.bank_tensors[n][i], non_blocking=True)
+                        if spec.per_layer:
+                            res.bank.tensors[n][res.slot, i].copy_(hd.bank_tensors[n][i], non_blocking=True)
                 if self._cuda:
                     ev = torch.cuda.Event()
                     ev.record(self.upload_stream)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from workers.adapters.layout import BaseDims, LayoutError, expected_tensors, optional_tensors
+from workers.adapters.layout import BaseDims, LayoutError, cells, expected_tensors, optional_tensors
 from workers.engine.batch import TenantDelta
 from workers.engine.errors import AdapterLoadError
 
@@ -30,6 +30,14 @@ def site_col(site: str, dims: BaseDims) -> int:
 
 def layers_of(cfg: dict, dims: BaseDims) -> list[int]:
     return sorted(cfg.get("layers") or range(dims.layers))
+
+
+def cells_of(cfg: dict, dims: BaseDims, entries: list[str]) -> list[tuple[int, str]]:
+    """(layer, entry) cells of a LoRA / IA3 delta (``site_layers`` or ``sites`` x ``layers``)."""
+    try:
+        return cells(cfg, dims, entries)
+    except LayoutError as e:
+        raise AdapterLoadError(str(e)) from e
 
 
 def next_bucket(n: int, buckets: tuple[int, ...]) -> int:

@@ -11,11 +11,11 @@ import os
 
 import torch
 
-from workers.adapters.layout import LINEAR_SITES, BaseDims, lora_scale
+from workers.adapters.layout import LINEAR_SITES, POOLER, BaseDims, lora_scale
 from workers.engine.bank import BankLayout, SlotSpec
 from workers.engine.batch import TenantDelta
 from workers.engine.pets import segmented
-from workers.engine.pets.common import GROUPS, SITE_GROUP, group_in, layers_of, next_bucket, site_col
+from workers.engine.pets.common import GROUPS, SITE_GROUP, cells_of, group_in, next_bucket, site_col
 
 RANK_BUCKETS = (8, 16, 32, 64, 128, 256)
 
@@ -29,7 +29,7 @@ fused_choice_us: dict = {}  # str(shape key) -> {"fused": us, "separate": us} (b
 
 def _sites(cfg) -> list[str]:
     chosen = cfg.get("sites", ["q", "v"])
-    return [s for s in LINEAR_SITES if s in chosen]
+    return [s for s in LINEAR_SITES + (POOLER,) if s in chosen]
 
 
 def bank_layout(cfg: dict, dims: BaseDims) -> BankLayout:
@@ -38,13 +38,16 @@ def bank_layout(cfg: dict, dims: BaseDims) -> BankLayout:
     specs, members = {}, {}
     L = dims.layers
     for g in GROUPS:
-        ms = [s for s in sites if SITE_GROUP[s] == g]
+        ms = [s for s in sites if SITE_GROUP.get(s) == g]
         if not ms:
             continue
         out_f = dims.site_shape(ms[0])[0]
         specs[f"A.{g}"] = SlotSpec((L, len(ms) * rb, group_in(g, dims)))
         specs[f"B.{g}"] = SlotSpec((L, len(ms), out_f, rb))
         members[g] = [site_col(s, dims) for s in ms]
+    if POOLER in sites:  # the pooler dense (one per model, not per layer): applied in heads.pool
+        specs["A.pooler"] = SlotSpec((rb, dims.hidden), per_layer=False)
+        specs["B.pooler"] = SlotSpec((dims.hidden, rb), per_layer=False)
     return BankLayout(f"lora:r{rb}:{','.join(sites)}", "lora", specs, {"rank": rb, "cols": members})
 
 
@@ -53,12 +56,17 @@ def slot_tensors(delta: TenantDelta, t: dict[str, torch.Tensor], dims: BaseDims,
     r, scale = int(cfg["r"]), lora_scale(cfg)
     out = {n: torch.full(s.shape, s.fill) for n, s in layout.specs.items()}
     sites = _sites(cfg)
+    cells = set(cells_of(cfg, dims, sites))
     for g in GROUPS:
-        ms = [s for s in sites if SITE_GROUP[s] == g]
+        ms = [s for s in sites if SITE_GROUP.get(s) == g]
         for m, s in enumerate(ms):
-            for i in layers_of(cfg, dims):
-                out[f"A.{g}"][i, m * rb:m * rb + r] = t[f"layers.{i}.{s}.lora_A"]
-                out[f"B.{g}"][i, m, :, :r] = t[f"layers.{i}.{s}.lora_B"] * scale
+            for i in range(dims.layers):
+                if (i, s) in cells:  # cells a tenant skips stay zero: no delta
+                    out[f"A.{g}"][i, m * rb:m * rb + r] = t[f"layers.{i}.{s}.lora_A"]
+                    out[f"B.{g}"][i, m, :, :r] = t[f"layers.{i}.{s}.lora_B"] * scale
+    if POOLER in sites:
+        out["A.pooler"][:r] = t["pooler.lora_A"]
+        out["B.pooler"][:, :r] = t["pooler.lora_B"] * scale
     return out
 
 

@@ -1,8 +1,11 @@
 """Wire contract: InferRequest / InferReply v1 as msgpack maps, Kafka headers, typed errors.
 
-The field tables below are the single definition: the strict decoders and the JSON Schema
-files under ``schema/`` (for producers in other languages) are both generated from them, and a
-test keeps the committed JSON files equal to what this module generates.
+The field tables below are the single definition: the strict decoders (the exact one, and the
+msgspec Structs of the fast path) and the JSON Schema files under ``schema/`` (for producers in
+other languages) are all generated from them, and a test keeps the committed JSON files equal to
+what this module generates.
+
+Data plane entry points per batch: ``decode_requests(values)`` and ``encode_replies(replies)``.
 """
 
 from __future__ import annotations
@@ -13,9 +16,11 @@ import re
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from operator import is_not
+from typing import Annotated, Any, Callable, Literal, Optional, Sequence, Union
 
 import msgpack
+import msgspec
 
 SCHEMA_VERSION = 1
 CONTENT_TYPE = "application/vnd.flock.v1+msgpack"
@@ -283,6 +288,95 @@ def _salvage(obj: Any) -> dict[str, str | None]:
     return out
 
 
+# ------------------------------------------------------------------ fast path (msgspec)
+# msgspec decodes msgpack straight into typed Structs and checks types, lengths, ranges and
+# patterns in C: ~1 µs for a short request where msgpack -> dict -> _check took ~10 µs. The
+# Structs are generated here from the same field tables (nothing is listed twice). The fast path
+# only ever *accepts*: whenever it declines (any msgspec error, a post-check, an input it does not
+# handle such as integral floats or a map16 header), the exact decoder above runs and gives the
+# verdict, the typed error and its informative message. So it accepts a subset of what _check
+# accepts, returns the same values, and never produces an error message of its own.
+_FLOAT_MAX = 1.7976931348623157e308  # finite <=> -max <= x <= max (NaN fails both)
+
+
+def _search_pattern(p: str) -> str:
+    """msgspec matches with re.search, where '$' also matches before a final newline; the tables'
+    anchored ^...$ patterns mean fullmatch, so '$' becomes '\\Z'."""
+    assert p.startswith("^") and p.endswith("$") and not p.endswith("\\$"), p
+    return p[:-1] + r"\Z"
+
+
+def _meta(**kw: Any) -> Any:
+    kw = {k: v for k, v in kw.items() if v is not None}
+    return msgspec.Meta(**kw) if kw else None
+
+
+def _annotated(t: Any, meta: Any) -> Any:
+    return t if meta is None else Annotated[t, meta]
+
+
+def _ms_scalar(kind: str, f: Field) -> Any:
+    if kind == "str":
+        return _annotated(str, _meta(max_length=f.max_len, pattern=f.pattern and _search_pattern(f.pattern)))
+    if kind == "enum":
+        return Literal.__getitem__(tuple(f.enum or ()))
+    if kind == "int":
+        return _annotated(int, _meta(ge=f.minimum, le=f.maximum))
+    if kind == "float":
+        return Annotated[float, msgspec.Meta(ge=-_FLOAT_MAX, le=_FLOAT_MAX)]
+    raise AssertionError(kind)  # pragma: no cover - a programming error in the tables
+
+
+def _ms_type(f: Field, maps_as_raw: bool) -> Any:
+    if f.kind == "map":
+        return msgspec.Raw if maps_as_raw else _ms_struct(f.name, f.fields or (), False)
+    if f.kind.startswith("list["):
+        item = f.kind[5:-1]
+        it = {"int": lambda: _annotated(int, _meta(ge=f.minimum, le=f.maximum)),
+              "float": lambda: _ms_scalar("float", f),
+              "str": lambda: str}[item]()  # list items carry no other limits in the tables
+        return _annotated(list[it], _meta(max_length=f.max_len))
+    return _ms_scalar(f.kind, f)
+
+
+def _ms_struct(name: str, spec: tuple[Field, ...], maps_as_raw: bool) -> Any:
+    """A Struct type for a closed map: required fields without default, optional nullable ones
+    default None, optional non-nullable ones default UNSET (so an explicit nil is rejected)."""
+    fields: list[tuple] = []
+    for f in spec:
+        t = _ms_type(f, maps_as_raw)
+        if f.nullable:
+            t = Optional[t]
+        if f.required:
+            fields.append((f.name, t))
+        elif f.nullable:
+            fields.append((f.name, t, None))
+        else:
+            fields.append((f.name, Union[t, msgspec.UnsetType], msgspec.UNSET))
+    return msgspec.defstruct(name, fields, kw_only=True, forbid_unknown_fields=True, gc=False)
+
+
+# The exact decoder rejects maps of more than 64 entries (msgpack max_map_len); msgspec would
+# take duplicate keys (last wins, as a dict does). A fixmap (header 0x80-0x8f) holds at most 15
+# entries, so the fast path takes only fixmaps, the request's and its input's (which therefore
+# arrives as Raw), and leaves other headers to the exact decoder.
+_REQUEST_DECODER = msgspec.msgpack.Decoder(_ms_struct("InferRequestV1", REQUEST_FIELDS, maps_as_raw=True))
+_INPUT_FIELD = next(f for f in REQUEST_FIELDS if f.name == "input")
+_INPUT_DECODER = msgspec.msgpack.Decoder(_ms_struct("InferRequestV1Input", _INPUT_FIELD.fields or (), False))
+# one_of as "which of (text, text_pair, token_ids) are set" patterns
+_INPUT_NAMES = tuple(f.name for f in _INPUT_FIELD.fields or ())
+assert _INPUT_NAMES == ("text", "text_pair", "token_ids") and not any(f.nullable for f in _INPUT_FIELD.fields or ())
+_INPUT_ONE_OF = frozenset(tuple(n in keys for n in _INPUT_NAMES) for keys in _INPUT_FIELD.one_of or ())
+_UNSET = msgspec.UNSET
+_Invalid = (msgspec.DecodeError, msgspec.ValidationError)
+_new = object.__new__
+_setattr = object.__setattr__
+_REPLY_CHECK = msgspec.msgpack.Decoder(_ms_struct("InferReplyV1", REPLY_FIELDS, maps_as_raw=False))
+_ENCODER = msgspec.msgpack.Encoder()
+_HEADER_TAIL = [(Headers.CONTENT_TYPE, CONTENT_TYPE.encode()),
+                (Headers.SCHEMA_VERSION, str(SCHEMA_VERSION).encode())]
+
+
 # ------------------------------------------------------------------ messages
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
@@ -330,6 +424,32 @@ class InferRequest:
 
     @classmethod
     def decode(cls, data: bytes, *, max_bytes: int = MAX_MESSAGE_BYTES) -> "InferRequest":
+        """Strict decode; raises WireError (typed, with the salvaged reply address). For a batch
+        of Kafka record values, ``decode_requests`` returns results and errors in one list."""
+        if type(data) is bytes and 0 < len(data) <= max_bytes and 0x80 <= data[0] <= 0x8F:
+            try:
+                s = _REQUEST_DECODER.decode(data)
+                raw = memoryview(s.input)
+                i = _INPUT_DECODER.decode(raw) if 0x80 <= raw[0] <= 0x8F else None
+            except _Invalid:
+                i = None
+            if i is not None:
+                text, pair, ids = i.text, i.text_pair, i.token_ids
+                if (text is not _UNSET, pair is not _UNSET, ids is not _UNSET) in _INPUT_ONE_OF:
+                    # Accepted by the fast path, so the exact decoder would accept it too. Built
+                    # without the frozen dataclass's __init__ (3x cheaper; same fields, eq, hash).
+                    r = _new(cls)
+                    _setattr(r, "__dict__", {
+                        "tenant_id": s.tenant_id, "text": None if text is _UNSET else text,
+                        "text_pair": None if pair is _UNSET else pair, "token_ids": None if ids is _UNSET else ids,
+                        "request_id": s.request_id, "deadline_ms": s.deadline_ms, "reply_to": s.reply_to,
+                        "created_at_ms": s.created_at_ms, "schema_version": s.schema_version})
+                    return r
+        return cls._decode_exact(data, max_bytes)
+
+    @classmethod
+    def _decode_exact(cls, data: bytes, max_bytes: int) -> "InferRequest":
+        """msgpack -> dict -> _check: the reference decoder, and the one that words every error."""
         obj = _unpack(data, max_bytes)
         salvage = _salvage(obj)
         version = _as_int(obj.get("schema_version")) if isinstance(obj, dict) else None
@@ -380,14 +500,30 @@ class InferReply:
                 "created_at_ms": self.created_at_ms}
 
     def encode(self) -> bytes:
+        """msgpack v1 bytes, checked against the reply table: the bytes are decoded once more by
+        the generated Struct (~0.6 µs), so what goes out is a valid v1 reply whatever Python types
+        built it. Anything the fast check declines is encoded by the exact path, which raises the
+        informative WireError. Same bytes as msgpack.packb(to_wire(), use_bin_type=True).
+        For a batch, ``encode_replies`` does values and headers in one call."""
+        try:
+            data = _ENCODER.encode(self.to_wire())
+            _REPLY_CHECK.decode(data)
+            return data
+        except Exception:  # noqa: BLE001 - declined: the exact path decides and words the error
+            return self._encode_exact()
+
+    def _encode_exact(self) -> bytes:
         obj = self.to_wire()
         _check(REPLY_FIELDS, obj, "")
         return msgpack.packb(obj, use_bin_type=True)
 
     def headers(self) -> list[tuple[str, bytes]]:
-        h = [(Headers.REQUEST_ID, self.request_id), (Headers.TENANT_ID, self.tenant_id),
-             (Headers.CONTENT_TYPE, CONTENT_TYPE), (Headers.SCHEMA_VERSION, str(self.schema_version))]
-        return [(k, v.encode()) for k, v in h]
+        if self.schema_version != SCHEMA_VERSION:
+            return [(Headers.REQUEST_ID, self.request_id.encode()), (Headers.TENANT_ID, self.tenant_id.encode()),
+                    (Headers.CONTENT_TYPE, CONTENT_TYPE.encode()),
+                    (Headers.SCHEMA_VERSION, str(self.schema_version).encode())]
+        return [(Headers.REQUEST_ID, self.request_id.encode()), (Headers.TENANT_ID, self.tenant_id.encode()),
+                *_HEADER_TAIL]
 
     @classmethod
     def decode(cls, data: bytes, *, max_bytes: int = 4 * MAX_MESSAGE_BYTES) -> "InferReply":
@@ -409,6 +545,48 @@ def header_map(headers: list[tuple[str, bytes]] | None) -> dict[str, str]:
         except UnicodeDecodeError:
             continue
     return out
+
+
+# ------------------------------------------------------------------ batch entry points
+def decode_requests(values: Sequence[bytes | None], *,
+                    max_bytes: int = MAX_MESSAGE_BYTES) -> list[InferRequest | WireError]:
+    """Decode a batch of Kafka record values: one entry per value, in order, either the
+    InferRequest or the WireError it raised (typed code, informative message, salvaged
+    request_id/tenant_id/reply_to for the error reply). Never raises for bad input. This is what
+    the data plane calls per fetched batch instead of InferRequest.decode per record."""
+    out: list[InferRequest | WireError] = []
+    append = out.append
+    decode = InferRequest.decode
+    for v in values:
+        try:
+            append(decode(v, max_bytes=max_bytes))
+        except WireError as e:
+            append(e)
+    return out
+
+
+def encode_replies(replies: Sequence[InferReply]) -> tuple[list[bytes], list[list[tuple[str, bytes]]]]:
+    """(values, headers) for a batch of replies, in order: the bytes of ``reply.encode()`` and the
+    list of ``reply.headers()``. A reply that fails validation (a bug upstream, e.g. a NaN score)
+    does not fail the batch: its request is answered with an ``internal`` error reply saying why.
+    This is what the data plane calls per engine batch instead of encode()/headers() per reply."""
+    values: list[bytes] = []
+    headers: list[list[tuple[str, bytes]]] = []
+    enc, check = _ENCODER.encode, _REPLY_CHECK.decode
+    for r in replies:
+        try:
+            data = enc(r.to_wire())
+            check(data)
+        except Exception:  # noqa: BLE001 - declined by the fast check: exact path
+            try:
+                data = r._encode_exact()
+            except WireError as e:
+                r = InferReply.error(ErrorCode.INTERNAL, f"reply failed validation: {e.message}",
+                                     request_id=r.request_id, tenant_id=r.tenant_id, worker_id=r.worker_id)
+                data = r._encode_exact()
+        values.append(data)
+        headers.append(r.headers())
+    return values, headers
 
 
 # ------------------------------------------------------------------ JSON Schema

@@ -149,6 +149,8 @@ def _read_peft(path: Path, labels: list[str] | None, pooling: str | None, max_by
         raise AdapterRejected(_unsupported_tensor(key, task))
     if not found:
         raise AdapterRejected("no adapter tensors found")
+    if task == "seq_cls" and any(re.search(r"(?:^|\.)distilbert\.", k) for k in raw):
+        raise AdapterRejected(_unsupported_tensor("pre_classifier.weight", task))
     if set(head) != {"weight", "bias"} or head["weight"].dim() != 2:
         raise AdapterRejected("no classification head: train with modules_to_save=['classifier'] "
                               "(a linear classifier with weight and bias)")

@@ -8,8 +8,7 @@ batched matmul pair (LoRA) or one gathered multiply (IA3), whatever the tenant c
 
 from __future__ import annotations
 
-from bisect import bisect_left
-
+import numpy as np
 import torch
 
 
@@ -28,7 +27,7 @@ def apply(plan, cls: torch.Tensor, z: torch.Tensor, w: torch.Tensor, b: torch.Te
     for g in plan.groups:
         if not _has(g):
             continue
-        j, k = bisect_left(plan.cu_host, g.seg.t0), bisect_left(plan.cu_host, g.seg.t1)
+        j, k = (int(v) for v in np.searchsorted(plan.cu_host, (g.seg.t0, g.seg.t1)))
         slots, bank = g.seg.seq_slots, g.bank
         x = cls[j:k]
         s_in = bank.get("pooler.in")

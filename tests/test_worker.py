@@ -142,6 +142,7 @@ def test_metrics_and_health_endpoints(worker):
     assert worker.get("/nope")[0] == 404
 
 
+@pytest.mark.restarts
 def test_kill9_mid_stream_then_restart_loses_nothing(kafka_bootstrap, database_url, sessions, tenants, tag):
     topics = asyncio.run(make_topics(kafka_bootstrap, tag + "k", partitions=3))
     reqs = [InferRequest(tenant_id=tenants[i % len(tenants)], text=TEXTS[i % len(TEXTS)]) for i in range(400)]

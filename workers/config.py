@@ -61,6 +61,11 @@ class Settings(BaseSettings):
     commit_interval_ms: int = 200
     version_poll_s: float = 5.0  # how often to look for new active adapter versions
     shutdown_timeout_s: float = 30.0
+    produce_linger_ms: float = 2.0  # replies: how long the producer waits to fill a batch
+    produce_max_batch_bytes: int = 256 * 1024  # replies: bytes per record batch and partition
+    # Processes per worker: 0 = one process (Kafka loop and engine together); N >= 1 = one engine
+    # process owning the device plus N edge processes running the Kafka loop. "auto": from the cores.
+    edges: str = "auto"
     http_host: str = "127.0.0.1"
     http_port: int = 9400  # /metrics /livez /readyz; 0 disables
 

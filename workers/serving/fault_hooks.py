@@ -13,6 +13,15 @@ import os
 import signal
 
 
+def _die() -> None:
+    # In a worker group the whole group goes, as a one-process worker would: the engine process
+    # first (its edges die with it), then this one.
+    group = int(os.environ.get("FLOCK_GROUP_PID", "0") or 0)
+    if group and group != os.getpid():
+        os.kill(group, signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 class CrashPoints:
     def __init__(self, after_consume: int = 0, before_commit: int = 0):
         self.after_consume = after_consume
@@ -28,11 +37,11 @@ class CrashPoints:
     def on_consumed(self) -> None:
         self.consumed += 1
         if self.after_consume and self.consumed >= self.after_consume:
-            os.kill(os.getpid(), signal.SIGKILL)
+            _die()
 
-    def on_acked(self) -> None:
-        self.acked += 1
+    def on_acked(self, n: int = 1) -> None:
+        self.acked += n
 
     def before_commit_hook(self) -> None:
         if self.before_commit and self.acked >= self.before_commit:
-            os.kill(os.getpid(), signal.SIGKILL)
+            _die()

@@ -6,14 +6,14 @@ import os
 import threading
 from time import thread_time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import CounterMetricFamily
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
 class WorkerMetrics:
-    def __init__(self) -> None:
+    def __init__(self, engine_in_process: bool = True) -> None:
         r = self.registry = CollectorRegistry()
         self.batch_seqs = Histogram("flock_batch_sequences", "Sequences per engine batch", registry=r,
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024))
@@ -37,8 +37,18 @@ class WorkerMetrics:
         self.paused = Gauge("flock_paused_partitions", "Partitions paused by back-pressure", registry=r)
         self.engine_seconds = Histogram("flock_engine_batch_seconds", "Engine time per batch", registry=r,
                                         buckets=LATENCY_BUCKETS)
+        self.produce_batches = Counter("flock_produce_batches_total", "Record batches handed to the producer",
+                                       registry=r)
+        self.produce_records = Counter("flock_produce_records_total", "Records in those batches", registry=r)
+        self.kafka_info = Info("flock_kafka_client", "aiokafka version and whether its C record codecs are in use",
+                               registry=r)
+        self.edge_restarts = Counter("flock_edge_restarts_total", "Edge processes restarted by the group",
+                                     registry=r)
+        self.engine_batch_seqs = Histogram("flock_engine_batch_sequences", "Sequences per merged engine batch "
+                                           "(edge batches of a worker group)", registry=r,
+                                           buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024))
         self.stage_cpu = StageCPU()
-        r.register(CPUCollector(self.stage_cpu))
+        r.register(CPUCollector(self.stage_cpu, engine_in_process))
 
 
 # --------------------------------------------------------------------------- CPU accounting
@@ -123,3 +133,37 @@ class CPUCollector:
         for kind, secs in threads.items():
             th.add_metric([kind], secs)
         yield th
+
+
+def merge_exposition(texts: list[bytes]) -> bytes:
+    """Several processes' /metrics bodies as one: samples with the same name and labels are
+    summed (counters, histograms, gauges such as queue depth); info/stateset samples take the max."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families: dict[str, tuple[str, str, dict]] = {}
+    for text in texts:
+        if not text:
+            continue
+        for fam in text_string_to_metric_families(text.decode()):
+            if fam.name.endswith("_created"):
+                continue
+            _, _, samples = families.setdefault(fam.name, (fam.type, fam.documentation, {}))
+            for smp in fam.samples:
+                if smp.name.endswith("_created"):
+                    continue
+                key = (smp.name, tuple(sorted(smp.labels.items())))
+                if fam.type in ("info", "stateset") or smp.name.endswith("_info"):
+                    samples[key] = max(samples.get(key, 0.0), smp.value)
+                else:
+                    samples[key] = samples.get(key, 0.0) + smp.value
+
+    def esc(v: str) -> str:
+        return v.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
+    lines = []
+    for name, (typ, doc, samples) in families.items():
+        lines.append(f"# HELP {name} {doc}")
+        lines.append(f"# TYPE {name} {typ}")
+        for (sname, labels), value in samples.items():
+            lab = "{" + ",".join(f'{k}="{esc(v)}"' for k, v in labels) + "}" if labels else ""
+            lines.append(f"{sname}{lab} {value!r}")
+    return ("\n".join(lines) + "\n").encode()

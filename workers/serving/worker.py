@@ -6,11 +6,10 @@ and/or DLQ record) is acked by Kafka; per partition only the contiguous done pre
 committed. A crash therefore replays unfinished requests (duplicates carry the same
 request_id) and never drops one.
 
-Ownership: static (``partitions`` from config, all owned for good) or lease-following
-(``follow_leases``): every partition is assigned to the consumer but paused unless this worker
-holds its lease. A control-plane agent hands in the current leases (``set_leases``) and asks for
-hand-overs (``release_partition``); the loop only fetches and commits owned partitions whose
-lease is still valid on the local clock (fencing: a lapsed lease stops consumption and commits).
+Ownership and fencing live in :mod:`workers.serving.ownership` (static partitions or the
+manager's leases; a lapsed lease stops consumption and commits); reply sending and acks in
+:mod:`workers.serving.sender`. A control-plane agent hands in the current leases
+(``set_leases``) and asks for hand-overs (``release_partition``).
 """
 
 from __future__ import annotations
@@ -32,9 +31,20 @@ from workers.serving.batcher import BatchPolicy, CoordinatedBatcher, Pending
 from workers.serving.fault_hooks import CrashPoints
 from workers.serving.metrics import WorkerMetrics
 from workers.serving.offsets import OffsetTracker
+from workers.serving.ownership import PartitionOwnership
 from workers.serving.replies import dlq_headers, reply_for_output
+from workers.serving.sender import ReplySender, Work
 
 log = logging.getLogger("flock.worker")
+
+
+def kafka_extensions() -> dict[str, str]:
+    """Are aiokafka's Cython record codecs in use? It falls back to pure Python silently when they
+    do not import (or with AIOKAFKA_NO_EXTENSIONS set)."""
+    import aiokafka
+    from aiokafka.record import default_records
+    c = default_records.DefaultRecordBatchBuilder.__module__.startswith("aiokafka.record._crecords")
+    return {"aiokafka": aiokafka.__version__, "c_extensions": "yes" if c else "no"}
 
 
 class EngineAPI(Protocol):
@@ -69,20 +79,9 @@ class WorkerConfig:
     shutdown_timeout_s: float = 30.0
     follow_leases: bool = False  # True: own only what set_leases() hands in
     handover_drain_s: float = 10.0
-
-
-@dataclass
-class Work:
-    """A consumed record on its way to a reply."""
-
-    partition: int
-    offset: int
-    received: float  # time.monotonic()
-    request: InferRequest | None = None
-    token_ids: list[int] | None = None
-    token_type_ids: list[int] | None = None
-    sends_left: int = 0
-    status: str = ""
+    produce_linger_ms: float = 2.0
+    produce_max_batch_bytes: int = 256 * 1024
+    client_suffix: str = ""  # Kafka client ids: the edge index in a worker group
 
 
 class Worker:
@@ -101,18 +100,13 @@ class Worker:
         self._wake = asyncio.Event()
         self._inflight = asyncio.Semaphore(cfg.inflight_batches)
         self._tasks: set[asyncio.Task] = set()
-        self._paused: set[int] = set()
         self.crash = CrashPoints.from_env()  # fault-injection suite only; inert by default
         self._peak = 0
-        self._topic_ok: dict[str, tuple[bool, float]] = {}
         self._cpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flock-tokenize")
         self._versions: dict[str, int | None] = {}
-        # Ownership: partition -> lease epoch (0 in static mode), lease validity on the monotonic clock.
-        self.owned: dict[int, int] = {} if cfg.follow_leases else {p: 0 for p in cfg.partitions}
-        self._lease_until: dict[int, float] = {}
-        self._wanted: dict[int, tuple[int, float]] | None = None  # newest lease view, applied by intake
-        self._releasing: set[int] = set()
-        self._halted: set[int] = set()  # partitions paused at the consumer (any reason)
+        self.ownership = PartitionOwnership(cfg.requests_topic, cfg.partitions, cfg.follow_leases,
+                                            forget=self.tracker.forget)
+        self.sender: ReplySender | None = None
         self._rounds = 0  # intake iterations, so a release can wait out a fetch already under way
         # Load for the control plane: partition -> tenant -> [requests, tokens] since the last take_load().
         self._load: dict[int, dict[str, list[int]]] = {}
@@ -120,22 +114,36 @@ class Worker:
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
 
+    @property
+    def owned(self) -> dict[int, int]:
+        """partition -> lease epoch (0 in static mode) of what this worker owns now."""
+        return self.ownership.owned
+
     # ------------------------------------------------------------ lifecycle
     async def run(self) -> None:
         cfg = self.cfg
         self.producer = AIOKafkaProducer(bootstrap_servers=cfg.bootstrap, enable_idempotence=True, acks="all",
-                                         linger_ms=2, max_request_size=4 << 20, request_timeout_ms=30000,
-                                         client_id=f"flock-worker-{cfg.worker_id}")
+                                         linger_ms=cfg.produce_linger_ms, max_batch_size=cfg.produce_max_batch_bytes,
+                                         max_request_size=max(4 << 20, cfg.produce_max_batch_bytes),
+                                         request_timeout_ms=30000, client_id=f"flock-worker-{cfg.worker_id}{cfg.client_suffix}")
         self.consumer = AIOKafkaConsumer(bootstrap_servers=cfg.bootstrap, group_id=cfg.group_id,
                                          enable_auto_commit=False, auto_offset_reset="earliest",
                                          max_partition_fetch_bytes=2 << 20, isolation_level="read_uncommitted",
-                                         client_id=f"flock-worker-{cfg.worker_id}")
+                                         client_id=f"flock-worker-{cfg.worker_id}{cfg.client_suffix}")
         await self.producer.start()
         await self.consumer.start()
+        self.sender = ReplySender(self.producer, self.tracker, self.metrics, self.crash, cfg.requests_topic,
+                                  cfg.replies_topic, cfg.dlq_topic)
         tps = [TopicPartition(cfg.requests_topic, p) for p in cfg.partitions]
         self.consumer.assign(tps)  # manual assignment: ownership comes from config/manager leases
-        self._sync_fetching()
+        self.ownership.consumer = self.consumer
+        self.ownership.sync()
         log.info("worker %s consuming %s partitions %s", cfg.worker_id, cfg.requests_topic, cfg.partitions)
+        ext = kafka_extensions()
+        self.metrics.kafka_info.info(ext)
+        log.log(logging.INFO if ext["c_extensions"] == "yes" else logging.WARNING,
+                "aiokafka %s record codec: %s", ext["aiokafka"],
+                "C extensions" if ext["c_extensions"] == "yes" else "pure Python (8-18x slower per record)")
         self.ready = True
         loops = [self._intake_loop(), self._batch_loop(), self._commit_loop(), self._lag_loop()]
         if self.active_versions is not None:
@@ -179,7 +187,7 @@ class Worker:
         loop = asyncio.get_running_loop()
         while not self.stopping.is_set():
             if self.cfg.follow_leases:
-                await self._apply_leases()
+                await self.ownership.apply()
             self._rounds += 1
             # One fetch never takes more than a partition's high-water mark: that bounds memory.
             st = self.metrics.stage_cpu
@@ -191,29 +199,36 @@ class Worker:
                 # Consumed but not accepted: leave them for the next owner (not tracked, not committed).
                 break
             good: list[Work] = []
+            rejected: list[tuple[Work, list]] = []
+            now = time.monotonic()
+            track, decode, crash = self.tracker.track, InferRequest.decode, self.crash
             for tp, recs in records.items():
-                if not self._fetchable(tp.partition):
+                p = tp.partition
+                if not self.ownership.fetchable(p):
                     continue  # lease lost or hand-over began during the fetch: the next owner reads these
                 for rec in recs:
-                    w = Work(tp.partition, rec.offset, time.monotonic())
-                    self.tracker.track(w.partition, w.offset)
-                    self.crash.on_consumed()
+                    w = Work(p, rec.offset, now)
+                    track(p, rec.offset)
+                    crash.on_consumed()
                     try:
-                        w.request = InferRequest.decode(rec.value)
+                        w.request = decode(rec.value)
                     except WireError as exc:
-                        await self._reject(w, exc, rec)
+                        rejected.append((w, self._reject(w, exc, rec)))
                         continue
                     good.append(w)
             st.add("decode", t0)
+            errors: list[tuple[Work, InferReply]] = []
             if good:
                 ids = await loop.run_in_executor(self._cpu, self._tokenise, [w.request for w in good])
                 t0 = thread_time()
                 now_ms = time.time() * 1000
                 for w, (tid, tt) in zip(good, ids):
                     w.token_ids, w.token_type_ids = tid, tt
-                    self._count_load(w)
-                    await self._admit(w, now_ms)
+                    self._admit(w, now_ms, errors)
+                self._count_load(good)
                 st.add("batch", t0)
+            await self.sender.send_records(rejected)
+            await self._send_errors(errors)
             self._backpressure()
             self.metrics.queue_depth.set(len(self.batcher))
             pending = self.tracker.pending()
@@ -230,22 +245,25 @@ class Worker:
         finally:
             self.metrics.stage_cpu.add("tokenise", t0)
 
-    async def _admit(self, w: Work, now_ms: float) -> None:
+    def _admit(self, w: Work, now_ms: float, errors: list[tuple[Work, InferReply]]) -> None:
+        """Into the batcher, or a typed error reply (collected in ``errors``, sent per round)."""
         req = w.request
         if not w.token_ids:
-            await self._error(w, ErrorCode.INVALID_INPUT, "empty token_ids")
+            errors.append(self._error(w, ErrorCode.INVALID_INPUT, "empty token_ids"))
         elif len(w.token_ids) > self.cfg.max_seq_len:
-            await self._error(w, ErrorCode.INPUT_TOO_LARGE,
-                              f"input has more than {self.cfg.max_seq_len} tokens (set FLOCK_TRUNCATE=1 to truncate)")
+            errors.append(self._error(w, ErrorCode.INPUT_TOO_LARGE, f"input has more than {self.cfg.max_seq_len} "
+                                      "tokens (set FLOCK_TRUNCATE=1 to truncate)"))
         elif req.token_ids is not None and req.token_ids and max(req.token_ids) >= self.tok.vocab_size:
-            await self._error(w, ErrorCode.INVALID_INPUT, f"token id outside the vocabulary of {self.tok.vocab_size}")
+            errors.append(self._error(w, ErrorCode.INVALID_INPUT,
+                                      f"token id outside the vocabulary of {self.tok.vocab_size}"))
         elif req.deadline_ms is not None and req.deadline_ms <= now_ms:
-            await self._error(w, ErrorCode.EXPIRED, "deadline passed before compute")
+            errors.append(self._error(w, ErrorCode.EXPIRED, "deadline passed before compute"))
         else:
             self.batcher.add(Pending(req.tenant_id, len(w.token_ids), now_ms, req.deadline_ms, payload=w))
 
-    async def _reject(self, w: Work, exc: WireError, rec: Any) -> None:
-        """Undecodable input: DLQ record with the original bytes; a typed reply too when the
+    def _reject(self, w: Work, exc: WireError, rec: Any) -> list:
+        """The records owed for undecodable input (sent by the caller with others of its round).
+        Undecodable input: DLQ record with the original bytes; a typed reply too when the
         reply address could be read."""
         source = f"{self.cfg.requests_topic}/{w.partition}/{w.offset}"
         sends = []
@@ -258,88 +276,28 @@ class Worker:
             topic = exc.reply_to or self.cfg.replies_topic
             sends.append((topic, reply.encode(), exc.tenant_id.encode(), reply.headers()))
         w.status = exc.code.value
-        await self._send_all(w, sends)
+        return sends
 
-    async def _error(self, w: Work, code: ErrorCode, message: str) -> None:
+    def _error(self, w: Work, code: ErrorCode, message: str) -> tuple[Work, InferReply]:
         req = w.request
         reply = InferReply.error(code, message, request_id=req.request_id, tenant_id=req.tenant_id,
                                  worker_id=self.cfg.worker_id)
         w.status = code.value
-        await self._send_reply(w, reply)
+        return w, reply
+
+    async def _send_errors(self, errors: list[tuple[Work, InferReply]]) -> None:
+        if errors:
+            await self.sender.send_replies([(w, r, r.encode(), r.headers()) for w, r in errors])
 
     def _backpressure(self) -> None:
-        for p in self.cfg.partitions:
-            n = self.tracker.pending(p)
-            if p not in self._paused and n >= self.cfg.high_water:
-                self._paused.add(p)
-            elif p in self._paused and n <= self.cfg.low_water:
-                self._paused.discard(p)
-        self._sync_fetching()
-        self.metrics.paused.set(len(self._paused))
+        self.ownership.backpressure(self.tracker.pending, self.cfg.high_water, self.cfg.low_water)
+        self.metrics.paused.set(len(self.ownership.backpressured))
 
     # ------------------------------------------------------------ ownership (leases)
-    def _fetchable(self, p: int) -> bool:
-        return p in self.owned and p not in self._releasing
-
-    def _sync_fetching(self) -> None:
-        """Pause at the consumer whatever is not owned, being handed over, or back-pressured."""
-        for p in self.cfg.partitions:
-            fetch = self._fetchable(p) and p not in self._paused
-            tp = TopicPartition(self.cfg.requests_topic, p)
-            if fetch and p in self._halted:
-                self.consumer.resume(tp)
-                self._halted.discard(p)
-            elif not fetch and p not in self._halted:
-                self.consumer.pause(tp)
-                self._halted.add(p)
-
     def set_leases(self, leases: dict[int, tuple[int, float]]) -> None:
         """The agent's current view: partition -> (epoch, valid until on time.monotonic())."""
-        self._wanted = dict(leases)
+        self.ownership.set_leases(leases)
         self._wake.set()
-
-    async def _apply_leases(self) -> None:
-        wanted, self._wanted = self._wanted, None
-        if wanted is not None:
-            for p in list(self.owned):
-                if p not in self._releasing and (p not in wanted or wanted[p][0] != self.owned[p]):
-                    self._drop(p, "lease moved to another worker")
-            for p, (epoch, until) in wanted.items():
-                if p in self._releasing:
-                    continue
-                self._lease_until[p] = until
-                if p not in self.owned:
-                    await self._acquire(p, epoch)
-        now = time.monotonic()
-        for p in list(self.owned):
-            if self._lease_until.get(p, 0.0) < now:
-                self._drop(p, "lease not renewed in time")
-        self._sync_fetching()
-
-    async def _acquire(self, p: int, epoch: int) -> None:
-        """Start a partition at the offset its previous owner committed."""
-        tp = TopicPartition(self.cfg.requests_topic, p)
-        try:
-            committed = await self.consumer.committed(tp)
-        except KafkaError as exc:
-            log.warning("cannot read committed offset of partition %d (will retry): %s", p, exc)
-            self._lease_until.pop(p, None)
-            return
-        if committed is None:
-            await self.consumer.seek_to_beginning(tp)
-        else:
-            self.consumer.seek(tp, committed)
-        self.tracker.forget(p)
-        self.owned[p] = epoch
-        log.info("partition %d acquired at epoch %d from offset %s", p, epoch, committed)
-
-    def _drop(self, p: int, why: str) -> None:
-        """Fence: stop fetching and committing p now; replies still in flight may duplicate."""
-        self.owned.pop(p, None)
-        self._lease_until.pop(p, None)
-        self.tracker.forget(p)
-        self._sync_fetching()
-        log.warning("partition %d dropped: %s", p, why)
 
     async def release_partition(self, p: int) -> bool:
         """Hand-over, source side: stop fetching p, give back its queued work, let the batches
@@ -349,8 +307,7 @@ class Worker:
         the caller ends the hand-over with ``release_done``."""
         if p not in self.owned:
             return False
-        self._releasing.add(p)
-        self._sync_fetching()
+        self.ownership.begin_release(p)
         start = self._rounds
         while self._rounds < start + 2 and not self.stopping.is_set():
             await asyncio.sleep(0.01)  # a fetch started before the pause has been accepted or skipped
@@ -367,24 +324,23 @@ class Worker:
         if left:
             log.warning("partition %d released with %d computed requests unreplied; they will be replayed", p, left)
         log.info("partition %d released; %d queued requests left for the next owner", p, given_back)
-        self.owned.pop(p, None)
-        self._lease_until.pop(p, None)
-        self.tracker.forget(p)
+        self.ownership.let_go(p)
         return ok
 
     def release_done(self, p: int) -> None:
-        self._releasing.discard(p)
-        self._sync_fetching()
+        self.ownership.end_release(p)
 
     def prefetch(self, tenant_ids: list[str]) -> Any:
         """Warm hand-over, target side: make the partition's hot tenants resident ahead of time."""
         return self.engine.prefetch(tenant_ids)
 
     # ------------------------------------------------------------ load report
-    def _count_load(self, w: Work) -> None:
-        c = self._load.setdefault(w.partition, {}).setdefault(w.request.tenant_id, [0, 0])
-        c[0] += 1
-        c[1] += len(w.token_ids or ())
+    def _count_load(self, works: list[Work]) -> None:
+        load = self._load
+        for w in works:
+            c = load.setdefault(w.partition, {}).setdefault(w.request.tenant_id, [0, 0])
+            c[0] += 1
+            c[1] += len(w.token_ids or ())
 
     def take_load(self) -> dict[str, Any]:
         """Counts since the last call plus gauges; the agent turns them into rates."""
@@ -396,7 +352,7 @@ class Worker:
                 hw[p] = h
         return {"counts": counts, "highwater": hw, "lag": {p: self._lag.get(p, 0) for p in self.owned},
                 "queue_depth": len(self.batcher), "inflight": self.tracker.pending(),
-                "owned": dict(self.owned), "releasing": sorted(self._releasing)}
+                "owned": dict(self.owned), "releasing": sorted(self.ownership.releasing)}
 
     # ------------------------------------------------------------ batching + engine
     async def _batch_loop(self) -> None:
@@ -414,21 +370,20 @@ class Worker:
             await self._inflight.acquire()
             t0 = thread_time()
             batch, expired = self.batcher.next_batch(time.time() * 1000)
-            for p in expired:
-                await self._error(p.payload, ErrorCode.EXPIRED, "deadline passed before compute")
-            if not batch:
-                self._inflight.release()
-                continue
+            errors = [self._error(p.payload, ErrorCode.EXPIRED, "deadline passed before compute") for p in expired]
             works = [p.payload for p in batch]
-            try:
-                future = self.engine.submit(self.tok.pack(works))
-            except Exception as exc:  # a batch the engine refuses fails its own requests only
+            future = None
+            if works:
+                try:
+                    future = self.engine.submit(self.tok.pack(works))
+                except Exception as exc:  # a batch the engine refuses fails its own requests only
+                    errors += [self._error(w, ErrorCode.INTERNAL, f"engine refused batch: {exc}") for w in works]
+            self.metrics.stage_cpu.add("batch", t0)
+            if future is None:
                 self._inflight.release()
-                for w in works:
-                    await self._error(w, ErrorCode.INTERNAL, f"engine refused batch: {exc}")
+                await self._send_errors(errors)
                 continue
-            finally:
-                self.metrics.stage_cpu.add("batch", t0)
+            await self._send_errors(errors)
             self.metrics.batch_seqs.observe(len(works))
             self.metrics.batch_tokens.observe(sum(len(w.token_ids) for w in works))
             self.metrics.batch_tenants.observe(len({w.request.tenant_id for w in works}))
@@ -448,88 +403,37 @@ class Worker:
             self._inflight.release()
         t_done = time.monotonic()
         self.metrics.engine_seconds.observe(t_done - t_submit)
-        st = self.metrics.stage_cpu
-        for i, w in enumerate(works):
-            req = w.request
-            if outputs is None:
-                await self._error(w, ErrorCode.INTERNAL, f"engine failed: {err}")
-                continue
-            out = outputs[i]
-            timings = {"queue_ms": round((t_submit - w.received) * 1e3, 3),
-                       "compute_ms": round((t_done - t_submit) * 1e3, 3),
-                       "total_ms": round((t_done - w.received) * 1e3, 3)}
-            t0 = thread_time()
-            reply = reply_for_output(out, request_id=req.request_id, tenant_id=req.tenant_id,
-                                     worker_id=self.cfg.worker_id, timings=timings)
-            self.metrics.adapter_lookups.labels("error" if out.error else "ok").inc()
-            w.status = reply.status.value
-            value, headers = reply.encode(), reply.headers()
-            st.add("reply_encode", t0)
-            await self._send_reply(w, reply, value, headers)
-
-    # ------------------------------------------------------------ sending + acks
-    async def _reply_topic_ok(self, topic: str) -> bool:
-        """Does the reply topic exist? Cached; a missing topic is asked about again after 30 s."""
-        cached = self._topic_ok.get(topic)
-        if cached and (cached[0] or time.monotonic() - cached[1] < 30):
-            return cached[0]
-        try:
-            parts = await asyncio.wait_for(self.producer.partitions_for(topic), 3)
-            ok = bool(parts)
-        except (asyncio.TimeoutError, KafkaError):
-            ok = False
-        self._topic_ok[topic] = (ok, time.monotonic())
-        return ok
-
-    async def _send_reply(self, w: Work, reply: InferReply, value: bytes | None = None,
-                          headers: list | None = None) -> None:
-        topic = w.request.reply_to or self.cfg.replies_topic
-        if not await self._reply_topic_ok(topic):
-            # The reply cannot be delivered where asked: keep it in the DLQ rather than stall.
-            source = f"{self.cfg.requests_topic}/{w.partition}/{w.offset}"
-            self.metrics.dlq.labels("reply_topic_missing").inc()
-            await self._send_all(w, [(self.cfg.dlq_topic, reply.encode(), reply.tenant_id.encode(),
-                                      dlq_headers(reply.headers(), f"reply topic {topic!r} does not exist", source))])
+        if outputs is None:
+            await self._send_errors([self._error(w, ErrorCode.INTERNAL, f"engine failed: {err}") for w in works])
             return
-        await self._send_all(w, [(topic, value if value is not None else reply.encode(), reply.tenant_id.encode(),
-                                  headers if headers is not None else reply.headers())])
-
-    async def _send_all(self, w: Work, sends: list[tuple[str, bytes, bytes | None, list]]) -> None:
-        w.sends_left = len(sends)
-        st = self.metrics.stage_cpu
-        t0, c0 = thread_time(), st.charged
-        for topic, value, key, headers in sends:
-            fut = await self.producer.send(topic, value=value, key=key, headers=headers)
-            fut.add_done_callback(lambda f, w=w: self._acked(w, f))
-        st.add_around_await("produce", t0, c0)
-
-    def _acked(self, w: Work, fut: asyncio.Future) -> None:
         t0 = thread_time()
-        try:
-            self._acked_one(w, fut)
-        finally:
-            self.metrics.stage_cpu.add("produce", t0)
-
-    def _acked_one(self, w: Work, fut: asyncio.Future) -> None:
-        if fut.cancelled() or fut.exception() is not None:
-            # Not acked: the offset stays outstanding, so it is never committed and is replayed.
-            log.error("send for %s/%d failed: %s", self.cfg.requests_topic, w.offset,
-                      "cancelled" if fut.cancelled() else fut.exception())
-            return
-        w.sends_left -= 1
-        self.crash.on_acked()
-        if w.sends_left == 0:
-            self.tracker.done(w.partition, w.offset)
-            tenant = w.request.tenant_id if w.request else "_undecodable"
-            self.metrics.latency.labels(tenant).observe(time.monotonic() - w.received)
-            self.metrics.replies.labels(w.status or "ok").inc()
+        items = []
+        failed = 0
+        compute_ms = round((t_done - t_submit) * 1e3, 3)
+        worker_id = self.cfg.worker_id
+        for w, out in zip(works, outputs):
+            req = w.request
+            timings = {"queue_ms": round((t_submit - w.received) * 1e3, 3), "compute_ms": compute_ms,
+                       "total_ms": round((t_done - w.received) * 1e3, 3)}
+            reply = reply_for_output(out, request_id=req.request_id, tenant_id=req.tenant_id,
+                                     worker_id=worker_id, timings=timings)
+            failed += out.error is not None
+            w.status = reply.status.value
+            items.append((w, reply, reply.encode(), reply.headers()))
+        if failed:
+            self.metrics.adapter_lookups.labels("error").inc(failed)
+        self.metrics.adapter_lookups.labels("ok").inc(len(works) - failed)
+        self.metrics.stage_cpu.add("reply_encode", t0)
+        await self.sender.send_replies(items)
 
     # ------------------------------------------------------------ commits, lag, versions
+    async def commit(self) -> None:
+        """Commit what is acknowledged (fenced); also used by an edge whose engine went away."""
+        await self._commit()
+
     async def _commit(self) -> None:
-        offsets = self.tracker.to_commit()
-        if self.cfg.follow_leases:  # fencing: commit only under a lease that is still ours and valid
-            now = time.monotonic()
-            offsets = {p: o for p, o in offsets.items() if p in self.owned and self._lease_until.get(p, 0.0) > now}
+        # Fencing: in lease mode only partitions owned under a lease that is valid now.
+        offsets = self.ownership.fenced(self.tracker.to_commit())
         if not offsets:
             return
         self.crash.before_commit_hook()

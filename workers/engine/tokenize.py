@@ -70,7 +70,7 @@ class TextEncoder:
     * Single ASCII texts skip most of the Rust pipeline too: BERT's pre-tokeniser splits on
       whitespace first, so a text's ids are [CLS] + the ids of each space-separated chunk + [SEP].
       Chunk ids come from a bounded cache filled by the Rust tokenizer itself (a batched call for
-      the misses), truncation is the template's (keep the first max_length - 2). Taken only when
+      the misses; at most CHUNK_CACHE chunks, then it stops growing), truncation is the template's (keep the first max_length - 2). Taken only when
       the post-processor is exactly prefix + body + suffix (checked at start-up); pairs always go
       through Rust (longest-first truncation stays Rust's).
     * Single texts get ``None`` token types (all zero); pairs get their lists.
@@ -100,9 +100,10 @@ class TextEncoder:
         self._affix = self._template() if self._ascii_lower is not None and \
             (json.loads(self._json).get("pre_tokenizer") or {}).get("type") == "BertPreTokenizer" else None
 
-    CHUNK_CACHE = 65536  # distinct space-separated chunks kept (cleared when full)
+    CHUNK_CACHE = 65536  # distinct space-separated chunks kept; when full it stops growing (the
+    # first chunks in are the frequent ones under a Zipf law, so it is not cleared)
     MISS_RATIO = 0.25  # more missing chunks than this share of a batch's chunks: Rust takes the batch
-    WARM_PER_CALL = 64  # chunks added to the cache per such batch
+    WARM_PER_CALL = 256  # chunks added to the cache per such batch
 
     def _template(self):
         """(prefix, suffix, chunker) when a single text encodes as prefix + body + suffix, else None."""
@@ -132,15 +133,15 @@ class TextEncoder:
         splits = [x.split() for x in lows]
         with self._lock:
             cache = self._chunks
-            if len(cache) > self.CHUNK_CACHE:
-                cache.clear()
             missing = {w for ws in splits for w in ws if w not in cache}
-            if len(missing) > self.MISS_RATIO * sum(map(len, splits)):
-                # Cold cache: encoding each missing chunk alone costs more than the whole texts;
-                # warm it by a bounded number of chunks and let Rust take this batch.
-                ms = list(missing)[:self.WARM_PER_CALL]
-                for w, e in zip(ms, chunker.encode_batch_fast(ms, add_special_tokens=False)):
-                    cache[w] = e.ids
+            room = self.CHUNK_CACHE - len(cache)
+            if len(missing) > self.MISS_RATIO * sum(map(len, splits)) or len(missing) > room:
+                # Cold (or full) cache: encoding each missing chunk alone costs more than the whole
+                # texts; warm it by a bounded number of chunks and let Rust take this batch.
+                ms = list(missing)[:max(0, min(self.WARM_PER_CALL, room))]
+                if ms:
+                    for w, e in zip(ms, chunker.encode_batch_fast(ms, add_special_tokens=False)):
+                        cache[w] = e.ids
                 return None
             if missing:
                 ms = list(missing)

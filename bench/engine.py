@@ -8,6 +8,7 @@ acquire, plan building, H2D, forward, heads, D2H, RequestOutputs) with 2 batches
 
     python bench/engine.py                       # GPU
     python bench/engine.py --device cpu --small  # smoke
+    python bench/engine.py --quick               # forward alone vs Engine.submit + outputs, 2 shapes
 Writes $OUT/engine_bench.json and $OUT/engine_bench.png (OUT defaults to ./bench_out).
 """
 
@@ -60,6 +61,8 @@ class Bench:
         else:
             self.h, self.L, self.H, self.m, self.B, self.S, self.n_lora = 768, 12, 12, 3072, 512, 128, 10_000
             self.iters = 10
+        self.quick = getattr(args, "quick", False)
+        self.e2e_rounds = 3 if self.quick and not self.small else 1
         self.dims = BaseDims(self.h, self.m, self.L, self.H)
         self.path = save_random_bert(tempfile.mkdtemp(), self.h, self.L, self.H, self.m, vocab=30522)
         self.dtype = torch.bfloat16 if self.dev != "cpu" else torch.float32
@@ -73,6 +76,18 @@ class Bench:
         print(f"  {name:48s} {r['seq_s']:10.0f} seq/s {r['tok_s']:12.0f} tok/s {r['ms_per_batch']:8.2f} ms  {note}",
               flush=True)
         return r
+
+    def realistic(self, rng):
+        """Lengths 8-S (lognormal around 40), same token budget as the fixed B x S batch."""
+        def lengths():
+            ls, tot = [], 0
+            while True:
+                n = int(np.clip(rng.lognormal(np.log(40), 0.6), 8, self.S))
+                if tot + n > self.B * self.S:
+                    return ls
+                ls.append(n)
+                tot += n
+        return lengths
 
     # ---- tenants -----------------------------------------------------------------------------
     def loader(self, tid: str):
@@ -170,20 +185,56 @@ class Bench:
                 toks = np.mean([b.num_tokens for b in batches])
                 return self.add(name, seqs, toks, t, note)
 
-            def e2e_rate(name, batches):
+            def e2e_rate(name, batches, rounds=None):
+                """Engine.submit end to end, outputs materialised the way the worker does it: one
+                reply ``outputs`` map per request (replies.outputs_of) while later batches compute."""
+                try:
+                    from workers.serving.replies import outputs_of
+                except ImportError:  # GPU host without the serving deps (msgspec): the same work
+                    def outputs_of(o):
+                        if hasattr(o, "reply_outputs"):
+                            return o.reply_outputs()
+                        if o.token_labels is not None:  # a RequestOutput (older engines)
+                            return {"token_labels": list(o.token_labels),
+                                    "token_scores": [max(p) for p in o.token_scores]}
+                        return {"label": o.label, "scores": [float(x) for x in o.scores], "labels": list(o.labels)}
                 for f in [eng.submit(b) for b in batches[:2]]:
                     f.result()
+                rounds = rounds or self.e2e_rounds
                 t = time.perf_counter()
-                futs = [eng.submit(b) for b in batches]
-                outs = [f.result() for f in futs]
+                futs = [eng.submit(b) for _ in range(rounds) for b in batches]
+                errs, gpu_ms, prep_ms, mat_s = 0, [], [], 0.0
+                for f in futs:
+                    out = f.result()
+                    t_m = time.perf_counter()
+                    for i in range(len(out)):
+                        o = out[i]
+                        if o.error is not None:
+                            errs += 1
+                        else:
+                            outputs_of(o)
+                    mat_s += time.perf_counter() - t_m
+                    gpu_ms.append(out.timings.get("gpu_ms", 0.0) if hasattr(out, "timings") else 0.0)
+                    prep_ms.append(out.timings.get("prep_ms", 0.0) if hasattr(out, "timings") else 0.0)
                 dt = time.perf_counter() - t
-                errs = sum(o.error is not None for out in outs for o in out)
                 assert errs == 0, f"{errs} failed requests"
-                n = len(batches)
-                return self.add(name, sum(b.num_seqs for b in batches) / n, sum(b.num_tokens for b in batches) / n,
-                                dt / n)
+                n = len(futs)
+                seqs = sum(b.num_seqs for b in batches) * rounds
+                return self.add(name, seqs / n, sum(b.num_tokens for b in batches) * rounds / n, dt / n,
+                                f"gpu {np.mean(gpu_ms):.2f} ms/batch, launcher prep {np.mean(prep_ms):.2f} ms/batch, "
+                                f"materialise {mat_s / seqs * 1e6:.2f} us/request")
 
             fixed = lora_batches(8, lambda: [S] * B)
+            if self.quick:  # forward alone vs submit, fixed 512 x 128 and lengths 8-128: nothing else
+                out = {}
+                lf = fwd_rate(f"Flock {self.n_lora} mixed LoRA r8 q,v (fwd)", fixed, "prebuilt plans")
+                le = e2e_rate(f"Flock {self.n_lora} mixed LoRA r8 q,v (e2e submit)", fixed)
+                real = lora_batches(8, self.realistic(rng))
+                rf = fwd_rate(f"Flock {self.n_lora} mixed LoRA, lengths 8-{S} (fwd)", real,
+                              f"~{int(np.mean([b.num_seqs for b in real]))} seqs/batch, prebuilt plans")
+                re_ = e2e_rate(f"Flock {self.n_lora} mixed LoRA, lengths 8-{S} (e2e submit)", real)
+                out.update(fixed_fwd=lf, fixed_e2e=le, real_fwd=rf, real_e2e=re_)
+                return out
             lora_fwd = fwd_rate(f"Flock {self.n_lora} mixed LoRA r8 q,v (fwd)", fixed, "uniform over all tenants",
                                 profile=True)
             if enc.fast:  # the previous separate shrink / expand kernels, for comparison
@@ -209,15 +260,7 @@ class Bench:
             lora_e2e = e2e_rate(f"Flock {self.n_lora} mixed LoRA r8 q,v (e2e submit)", fixed)
 
             # Realistic lengths, same token budget as the fixed batch.
-            def realistic():
-                ls, tot = [], 0
-                while True:
-                    n = int(np.clip(rng.lognormal(np.log(40), 0.6), 8, S))
-                    if tot + n > B * S:
-                        return ls
-                    ls.append(n)
-                    tot += n
-            real = lora_batches(8, realistic)
+            real = lora_batches(8, self.realistic(rng))
             real_fwd = fwd_rate(f"Flock {self.n_lora} mixed LoRA, lengths 8-{S} (fwd)", real,
                                 f"~{int(np.mean([b.num_seqs for b in real]))} seqs/batch", profile=True)
             rplan = build_plan(real[0].input_ids, None, real[0].cu_seqlens, [None] * real[0].num_seqs, 0,
@@ -244,6 +287,24 @@ class Bench:
         finally:
             eng.close()
         return base, lora_fwd, lora_e2e, real_fwd, real_e2e, mix_fwd
+
+
+def quick_report(b, out, dev_name):
+    r = b.ours()
+    ratios = {"submit_vs_fwd_512x128": r["fixed_e2e"]["seq_s"] / r["fixed_fwd"]["seq_s"],
+              "submit_vs_fwd_lengths_8_128": r["real_e2e"]["seq_s"] / r["real_fwd"]["seq_s"]}
+    print("\n| path | seq/s | ms/batch | vs forward pass | note |\n|---|---:|---:|---:|---|")
+    for fwd, e2e, label in (("real_fwd", "real_e2e", f"lengths 8-{b.S}"), ("fixed_fwd", "fixed_e2e", f"{b.B} x {b.S}")):
+        f, e = r[fwd], r[e2e]
+        print(f"| forward pass, {label} (~{f['seqs_per_batch']:.0f} seqs/batch) | {f['seq_s']:,.0f} | "
+              f"{f['ms_per_batch']:.2f} | 1.00 | {f['note']} |")
+        print(f"| `Engine.submit` + outputs, {label} | {e['seq_s']:,.0f} | {e['ms_per_batch']:.2f} | "
+              f"**{e['seq_s'] / f['seq_s']:.2f}** | {e['note']} |")
+    with open(os.path.join(out, "engine_submit.json"), "w") as f:
+        json.dump({"device": dev_name, "torch": torch.__version__, "config": {"hidden": b.h, "layers": b.L,
+                   "batch": b.B, "seq": b.S, "dtype": str(b.dtype), "lora_tenants": b.n_lora,
+                   "e2e_rounds": b.e2e_rounds}, "rows": b.rows, "ratios": ratios}, f, indent=1, default=str)
+    return ratios
 
 
 def profile_table(step, name):
@@ -299,12 +360,17 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--small", action="store_true")
     ap.add_argument("--skip-baselines", action="store_true")
+    ap.add_argument("--quick", action="store_true",
+                    help="only forward-alone vs Engine.submit (+ outputs) at 512 x 128 and at lengths 8-128, "
+                         "with the ratios; writes $OUT/engine_submit.json")
     args = ap.parse_args()
     out = os.environ.get("OUT", "./bench_out")
     os.makedirs(out, exist_ok=True)
     b = Bench(args)
     dev_name = torch.cuda.get_device_name() if args.device != "cpu" else "cpu"
     print(f"device {dev_name}, torch {torch.__version__}, hidden {b.h}, layers {b.L}, batch {b.B} x {b.S}", flush=True)
+    if args.quick:
+        return quick_report(b, out, dev_name)
     ids = torch.randint(1000, 30522, (b.B, b.S), device=args.device)
     if not args.skip_baselines:
         b.hf_rows(ids)

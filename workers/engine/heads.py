@@ -74,3 +74,51 @@ def token_logits(hg, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     nl = hg.tok_nlabels.unsqueeze(1).expand(-1, logits.shape[1])
     logits = logits.reshape(-1, cb).index_select(0, hg.tok_valid_flat)
     return logits, _masked_softmax(logits, nl.reshape(-1).index_select(0, hg.tok_valid_flat))
+
+
+def compact_results(plan, hidden: torch.Tensor, pooler_w, pooler_b):
+    """Every head group's results in ONE float32 device buffer, so one D2H copy serves the batch.
+
+    Layout (C = widest seq label bucket, Ct = widest token label bucket, B = plan.num_seqs, rows in
+    the plan's sorted order, Tt = tokens of token_cls sequences, head group after head group):
+      seq block [B, 2C+2]: softmax (C, zero padded) | logits (C) | top score | top index
+      tok block [Tt, Ct+2]: softmax (Ct, zero padded) | top score | top index
+    Returns (buffer, (C, Ct, Tt, [token offset of each token head group])).
+    """
+    seq_groups = [hg for hg in plan.heads if hg.seq_order]
+    tok_groups = [hg for hg in plan.heads if hg.tok_order]
+    C = max((hg.bank.get("bias").shape[1] for hg in seq_groups), default=0)
+    Ct = max((hg.bank.get("bias").shape[1] for hg in tok_groups), default=0)
+    B = plan.num_seqs
+    tok_counts = [int(hg.tok_lens_np.sum()) if hg.tok_lens_np is not None else sum(hg.tok_lens) for hg in tok_groups]
+    Tt = sum(tok_counts)
+    ws, wt = (2 * C + 2 if C else 0), (Ct + 2 if Ct else 0)
+    buf = torch.zeros(B * ws + Tt * wt, device=hidden.device, dtype=torch.float32)
+    if seq_groups:
+        seq_blk = buf[:B * ws].view(B, ws)
+        pooled = pool(hidden, plan, pooler_w, pooler_b)
+        for hg in seq_groups:
+            logits, probs = seq_logits(hg, pooled)
+            n, cb = probs.shape
+            part = torch.zeros(n, ws, device=buf.device, dtype=torch.float32)
+            part[:, :cb] = probs
+            part[:, C:C + cb] = logits
+            top, idx = probs.max(-1)
+            part[:, 2 * C] = top
+            part[:, 2 * C + 1] = idx
+            seq_blk.index_copy_(0, hg.seq_rows, part)
+    offsets = []
+    if tok_groups:
+        tok_blk = buf[B * ws:].view(Tt, wt)
+        off = 0
+        for hg, cnt in zip(tok_groups, tok_counts):
+            logits, probs = token_logits(hg, hidden)
+            cb = probs.shape[1]
+            blk = tok_blk[off:off + cnt]
+            blk[:, :cb] = probs
+            top, idx = probs.max(-1)
+            blk[:, Ct] = top
+            blk[:, Ct + 1] = idx
+            offsets.append(off)
+            off += cnt
+    return buf, (C, Ct, Tt, offsets)

@@ -9,6 +9,7 @@ All index arrays are built with numpy and shipped to the device in ONE host-to-d
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,11 +71,56 @@ class Segments:
     t1: int
     max_len: int
     seq_slots: Any = None  # [n] slot per sequence
-    tok_slots: Any = None  # [n_tok] slot per token
-    pad_idx: Any = None  # [n, max_len] local token index per (sequence, position), clamped
-    valid_flat: Any = None  # [n_tok] position of each token in the flattened [n * max_len]
     tiles: Any = None  # [3, n_tiles] (start, end, slot), local token offsets, for Triton
     n_tiles: int = 0
+    # Built on the device on first use (the Triton path never needs them), see properties below.
+    _tok_slots: Any = None  # [n_tok] slot per token
+    _pad_idx: Any = None  # [n, max_len] local token index per (sequence, position), clamped
+    _valid_flat: Any = None  # [n_tok] position of each token in the flattened [n * max_len]
+    _src: Any = None  # (cu64, tok_seq, positions, position offset, j, k): the plan's device index
+    # tensors and the group's sorted-sequence range [j, k), to derive the above (no reference to
+    # the plan itself: no cycle keeping device / pinned buffers alive until a GC pass)
+
+    @property
+    def tok_slots(self):
+        if self._tok_slots is None and self._src is not None:
+            _, tok_seq, _, _, j, _ = self._src
+            self._tok_slots = self.seq_slots.index_select(0, tok_seq[self.t0:self.t1] - j)
+        return self._tok_slots
+
+    @tok_slots.setter
+    def tok_slots(self, v):
+        self._tok_slots = v
+
+    @property
+    def pad_idx(self):
+        if self._pad_idx is None and self._src is not None:
+            cu64, _, _, _, j, k = self._src
+            self._pad_idx = _pad_dev(cu64[j:k + 1], self.max_len, self.t0)
+        return self._pad_idx
+
+    @pad_idx.setter
+    def pad_idx(self, v):
+        self._pad_idx = v
+
+    @property
+    def valid_flat(self):
+        if self._valid_flat is None and self._src is not None:
+            _, tok_seq, pos, off, j, _ = self._src
+            t0, t1 = self.t0, self.t1
+            self._valid_flat = (tok_seq[t0:t1] - j) * self.max_len + (pos[t0:t1] - off if off else pos[t0:t1])
+        return self._valid_flat
+
+    @valid_flat.setter
+    def valid_flat(self, v):
+        self._valid_flat = v
+
+
+def _pad_dev(cu: torch.Tensor, max_len: int, base: int = 0) -> torch.Tensor:
+    """[n, max_len] clamped token index from n+1 cumulative offsets (device ops, no host sync)."""
+    lens = cu[1:] - cu[:-1]
+    pos = torch.arange(max_len, device=cu.device, dtype=cu.dtype)
+    return (cu[:-1] - base).unsqueeze(1) + torch.minimum(pos.unsqueeze(0), (lens - 1).unsqueeze(1))
 
 
 @dataclass
@@ -118,15 +164,43 @@ class BatchPlan:
     tenants: list = field(default_factory=list)  # distinct residents (None = base only)
     tenant_of_seq: Any = None  # np.int64 [B]: index into tenants per sorted sequence
     rows: Any = None  # np.int64 [B, 9]: tenant_row() per sorted sequence
-    pad_idx: Any = None  # [B, max_len] for padded attention (CPU path)
-    valid_flat: Any = None
+    tok_perm: Any = None  # np.int64 [T]: batch token index of each sorted token
     tok_seq: Any = None  # [T] sorted-sequence index of each token (mean pooling)
+    cu64: Any = None  # int64 [B+1] on device
+    position_offset: int = 0
+    _pad_idx: Any = None  # [B, max_len] for padded attention (CPU path): built on first use
+    _valid_flat: Any = None
     cls_rows: Any = None
     mean_rows: Any = None
     pooler_rows: Any = None
     groups: list[PetGroup] = field(default_factory=list)
     heads: list[HeadGroup] = field(default_factory=list)
     layer_events: list = field(default_factory=list)  # per layer (+1 for heads): upload events to wait on
+
+    @property
+    def local_pos(self) -> torch.Tensor:
+        """[T] position of each token inside its sequence (device)."""
+        return self.positions - self.position_offset if self.position_offset else self.positions
+
+    @property
+    def pad_idx(self):
+        if self._pad_idx is None:
+            self._pad_idx = _pad_dev(self.cu64, self.max_len)
+        return self._pad_idx
+
+    @pad_idx.setter
+    def pad_idx(self, v):
+        self._pad_idx = v
+
+    @property
+    def valid_flat(self):
+        if self._valid_flat is None:
+            self._valid_flat = self.tok_seq * self.max_len + self.local_pos
+        return self._valid_flat
+
+    @valid_flat.setter
+    def valid_flat(self, v):
+        self._valid_flat = v
 
     @property
     def residents(self) -> list:
@@ -244,7 +318,9 @@ def build_plan(input_ids, token_type_ids, cu_seqlens, residents: list, position_
         uniq, tidx = unique_tenants(residents)
     else:
         uniq, tidx = list(residents), np.asarray(tenant_index, dtype=np.int64)
-    rows = np.array([tenant_row(r) for r in uniq] + [_NONE_ROW], dtype=np.int64).reshape(-1, len(_NONE_ROW))
+    nf = len(_NONE_ROW)
+    rows = np.fromiter(itertools.chain.from_iterable([tenant_row(r) for r in uniq] + [_NONE_ROW]),
+                       dtype=np.int64, count=(len(uniq) + 1) * nf).reshape(-1, nf)
     sel = np.arange(cu_all.size - 1, dtype=np.int64) if seqs is None else np.asarray(seqs, dtype=np.int64)
     trow = rows[tidx[sel]]  # [n, 9] per (selected) sequence
     order_local = np.lexsort((trow[:, 2], trow[:, 1], trow[:, 0]))  # stable: ties keep batch order
@@ -266,13 +342,12 @@ def build_plan(input_ids, token_type_ids, cu_seqlens, residents: list, position_
     h_tt = pk.add(_as_np(token_type_ids)[tok_perm]) if token_type_ids is not None else None
     h_pos = pk.add(local + position_offset if position_offset else local)
     h_cu = pk.add(new_cu)
-    pad_idx, valid = _pad_index(lens, max_len)
-    h_pad, h_valid, h_tokseq = pk.add(pad_idx), pk.add(valid), pk.add(tok_seq)
+    h_tokseq = pk.add(tok_seq)
     h_cls = pk.add(new_cu[:-1])
 
     plan = BatchPlan(num_seqs=B, num_tokens=T, max_len=max_len, order=order,
                      lengths_host=lens, cu_host=new_cu)
-    plan.tenants, plan.tenant_of_seq, plan.rows = uniq, ten_sorted, tr
+    plan.tenants, plan.tenant_of_seq, plan.rows, plan.tok_perm = uniq, ten_sorted, tr, tok_perm
 
     # PET groups: runs of sorted sequences with the same (pet_type, bank); base-only rows excluded.
     pet, bank = tr[:, 0], tr[:, 1]
@@ -296,8 +371,8 @@ def build_plan(input_ids, token_type_ids, cu_seqlens, residents: list, position_
             hs = None
         else:
             slots = tr[j:k, 3]
-            gp, gv = _pad_index(g_lens, seg.max_len)
-            hs = [pk.add(slots), pk.add(np.repeat(slots, g_lens)), pk.add(gp), pk.add(gv)]
+            seg._src = (j, k)
+            hs = [pk.add(slots)]
             if want_tiles:
                 tiles = _tiles(g_lens, slots)
                 seg.n_tiles = tiles.shape[1]
@@ -336,15 +411,18 @@ def build_plan(input_ids, token_type_ids, cu_seqlens, residents: list, position_
     plan.input_ids = dev[h_ids]
     plan.token_type_ids = dev[h_tt] if h_tt is not None else None
     plan.positions = dev[h_pos]
-    plan.cu_seqlens = dev[h_cu].to(torch.int32)
-    plan.pad_idx, plan.valid_flat, plan.tok_seq = dev[h_pad], dev[h_valid], dev[h_tokseq]
+    plan.cu64 = dev[h_cu]
+    plan.cu_seqlens = plan.cu64.to(torch.int32)
+    plan.position_offset = position_offset
+    plan.tok_seq = dev[h_tokseq]
     plan.cls_rows, plan.mean_rows, plan.pooler_rows = dev[h_cls], dev[h_mean], dev[h_pooler]
     for g, hs in zip(plan.groups, group_handles):
         if hs is None:
             continue
-        g.seg.seq_slots, g.seg.tok_slots, g.seg.pad_idx, g.seg.valid_flat = (dev[h] for h in hs[:4])
+        g.seg.seq_slots = dev[hs[0]]
+        g.seg._src = (plan.cu64, plan.tok_seq, plan.positions, position_offset) + g.seg._src
         if want_tiles:
-            g.seg.tiles = dev[hs[4]]
+            g.seg.tiles = dev[hs[1]]
     for hg, hh in zip(plan.heads, head_handles):
         if "seq" in hh:
             hg.seq_rows, hg.seq_slots, hg.seq_nlabels = (dev[h] for h in hh["seq"])

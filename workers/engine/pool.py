@@ -244,25 +244,35 @@ class AdapterPool:
         """Make tenants resident and pin them. Per-tenant errors are returned, not raised."""
         out: dict[str, Resident | EngineError] = {}
         hosts: dict[str, HostDelta] = {}
+        ids = list(dict.fromkeys(tenant_ids))  # distinct tenants: all work below is per tenant
+        residents = self.residents
         with self._lock:
-            need = [t for t in dict.fromkeys(tenant_ids) if t not in self.residents or self.residents[t].stale]
+            need = [t for t in ids if (r := residents.get(t)) is None or r.stale]
         for tid in need:  # the loader may be slow: not under the lock
             try:
                 hosts[tid] = self._load_host(tid)
             except EngineError as e:
                 out[tid] = e
         with self._lock:
-            protect = set(tenant_ids)
+            protect = set(ids)
             new = []
-            for tid in dict.fromkeys(tenant_ids):
-                if tid in out:
+            lru = self._lru
+            hits = 0
+            for tid in ids:
+                if out and tid in out:
                     continue
-                res = self.residents.get(tid)
+                res = residents.get(tid)
                 if res is not None and not res.stale:
-                    self.stats["device_hits"] += 1
+                    hits += 1
                 else:
                     if res is not None and res.pins == 0:
                         self._evict(res)
+                    if tid not in hosts:  # placed and then evicted/staled since the first pass
+                        try:
+                            hosts[tid] = self._load_host(tid)
+                        except EngineError as e:
+                            out[tid] = e
+                            continue
                     try:
                         res = self._place(hosts[tid], protect)
                     except EngineError as e:
@@ -270,8 +280,14 @@ class AdapterPool:
                         continue
                     new.append((res, hosts[tid]))
                 res.pins += 1
-                self._touch(res)
+                for b in (res.bank, res.head_bank):  # LRU touch (inlined _touch)
+                    if b is not None:
+                        try:
+                            lru[b.key].move_to_end(tid)
+                        except KeyError:
+                            pass
                 out[tid] = res
+            self.stats["device_hits"] += hits
             self._upload(new)
         return out
 

@@ -1,12 +1,15 @@
-"""Engine: the async API the worker uses. ``submit(PackedBatch) -> Future[list[RequestOutput]]``.
+"""Engine: the async API the worker uses. ``submit(PackedBatch) -> Future[BatchOutputs]``.
 
 Two engine threads (never an asyncio loop):
   launcher  - acquires adapters (pool), builds the plan and ships it on the copy stream, enqueues
               the forward on the compute stream (which waits for the copy event), enqueues the
               device->host copy of the results, records a done event. It does not wait for the GPU,
               so batch n+1's host prep, index upload and adapter uploads overlap batch n's compute.
-  completer - waits for each batch's done event, turns scores into RequestOutputs, releases the
-              batch's pinned slots, resolves the future.
+  completer - waits for each batch's done event, scatters the batch's compact results (one D2H
+              copy: top label, top score, padded scores/logits, token results) into the
+              batch-order numpy arrays of a BatchOutputs (no per-row Python), releases the
+              batch's pinned slots, resolves the future. Rows are materialised lazily
+              (``outputs[i]``), by whoever builds the reply.
 At most ``max_inflight`` batches are between the two. On CPU the same code runs synchronously.
 Pinned staging buffers come from torch's caching host allocator, which recycles a buffer only
 after the copy that used it has completed (i.e. an N-deep ring of pinned buffers).
@@ -20,10 +23,11 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from workers.engine import heads
-from workers.engine.batch import PackedBatch, RequestOutput
+from workers.engine.batch import BatchOutputs, PackedBatch, TenantInfo
 from workers.engine.encoder import Encoder
 from workers.engine.errors import BatchError, EngineError
 from workers.engine.kernels import interpret, triton_available
@@ -36,16 +40,25 @@ from workers.engine.pool import AdapterPool, Loader, PoolConfig, Resident
 class _InFlight:
     batch: PackedBatch
     future: Future
-    outputs: list  # per original sequence: RequestOutput (errors prefilled)
     plan: object = None
-    residents: list | None = None
-    results: list | None = None  # [(head group, kind, host logits, host probs)]
+    residents: list | None = None  # pinned residents (released by the completer)
+    tenant_info: list | None = None  # TenantInfo per distinct tenant
+    row_tenant: object = None  # np.int32 [B]: index into tenant_info per row
+    host: object = None  # host (pinned on CUDA) float32 copy of heads.compact_results' buffer
+    layout: tuple | None = None
     done: object = None
     start_ev: object = None
     t_submit: float = 0.0
     t_launch: float = 0.0
     t_prep: float = 0.0
-    keep: list | None = None
+
+
+def _info(r: Resident) -> TenantInfo:
+    """The TenantInfo of a resident (immutable: built once, cached on it)."""
+    info = r.__dict__.get("_tinfo")
+    if info is None:
+        info = r._tinfo = TenantInfo(r.version, r.task, r.labels)
+    return info
 
 
 class _Null:
@@ -82,14 +95,15 @@ class Engine:
 
     # ---- public API ------------------------------------------------------------------------
     def submit(self, batch: PackedBatch) -> Future:
-        """Queue a batch; the future resolves to one RequestOutput per sequence, in batch order."""
+        """Queue a batch; the future resolves to a BatchOutputs (``outputs[i]``: sequence i's
+        RowOutput, with the RequestOutput fields), in batch order."""
         if self._closed:
             raise EngineError("engine is closed")
         fut: Future = Future()
-        self._inbox.put(_InFlight(batch, fut, [], t_submit=time.perf_counter()))
+        self._inbox.put(_InFlight(batch, fut, t_submit=time.perf_counter()))
         return fut
 
-    def run(self, batch: PackedBatch, timeout: float | None = None) -> list[RequestOutput]:
+    def run(self, batch: PackedBatch, timeout: float | None = None) -> BatchOutputs:
         return self.submit(batch).result(timeout)
 
     def prefetch(self, tenant_ids) -> Future:
@@ -101,12 +115,12 @@ class Engine:
     @torch.inference_mode()
     def encode_base(self, batch: PackedBatch) -> torch.Tensor:
         """Plain base-model hidden states [T, h] in the batch's token order (no tenants)."""
-        plan = build_plan(batch.input_ids, batch.token_type_ids, batch.cu_seqlens, [None] * batch.num_seqs,
-                          self.encoder.base.position_offset, self.device, False)
+        plan = build_plan(batch.input_ids, batch.token_type_ids, batch.cu_seqlens, [None],
+                          self.encoder.base.position_offset, self.device, False,
+                          tenant_index=np.zeros(batch.num_seqs, dtype=np.int64))
         hidden = self.encoder.forward(plan)
         inv = torch.empty(plan.num_tokens, dtype=torch.long)
-        perm = torch.cat([torch.arange(int(batch.cu_seqlens[b]), int(batch.cu_seqlens[b + 1])) for b in plan.order])
-        inv[perm] = torch.arange(plan.num_tokens)
+        inv[torch.from_numpy(plan.tok_perm)] = torch.arange(plan.num_tokens)
         return hidden.float().cpu()[inv]
 
     def close(self) -> None:
@@ -135,38 +149,33 @@ class Engine:
     def _launch(self, job: _InFlight) -> None:
         job.t_launch = time.perf_counter()
         b = job.batch
-        got = self.pool.acquire(b.tenant_ids)
-        job.residents = [r for r in got.values() if isinstance(r, Resident)]
-        rids = b.request_ids or [None] * b.num_seqs
-        job.outputs = [RequestOutput(tenant_id=t, request_id=rids[i]) for i, t in enumerate(b.tenant_ids)]
-        for i, t in enumerate(b.tenant_ids):
-            r = got[t]
-            if isinstance(r, Resident):
-                job.outputs[i].adapter_version, job.outputs[i].task = r.version, r.task
-            else:
-                job.outputs[i].error = r
-        keep = [i for i, t in enumerate(b.tenant_ids) if isinstance(got[t], Resident)]
-        job.keep = keep
+        # Distinct tenants and each row's index among them (one dict lookup per row, in C-speed
+        # comprehension); everything after this works per tenant or on whole arrays.
+        index: dict[str, int] = {}
+        row_t = np.fromiter((index.setdefault(t, len(index)) for t in b.tenant_ids), dtype=np.int32,
+                            count=b.num_seqs)
+        uniq = list(index)
+        got = self.pool.acquire(uniq)
+        ress = [got[t] for t in uniq]
+        ok = [isinstance(r, Resident) for r in ress]
+        job.residents = [r for r, k in zip(ress, ok) if k]
+        job.tenant_info = [_info(r) if k else TenantInfo(error=r) for r, k in zip(ress, ok)]
+        job.row_tenant = row_t
         self._check_ids(b)
-        if not keep:
+        if not job.residents:
             return
-        if len(keep) < b.num_seqs:  # drop failed tenants' sequences from the compute
-            cu = b.cu_seqlens.tolist()
-            ids = torch.cat([b.input_ids[cu[i]:cu[i + 1]] for i in keep])
-            tts = torch.cat([b.token_type_ids[cu[i]:cu[i + 1]] for i in keep]) if b.token_type_ids is not None else None
-            lens = torch.tensor([cu[i + 1] - cu[i] for i in keep])
-            cus = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)])
-        else:
-            ids, tts, cus = b.input_ids, b.token_type_ids, b.cu_seqlens
-        residents = [got[b.tenant_ids[i]] for i in keep]
+        seqs = None
+        if not all(ok):  # drop failed tenants' sequences from the compute
+            seqs = np.flatnonzero(np.asarray(ok)[row_t])
+            ress = [r if k else None for r, k in zip(ress, ok)]
         copy_ctx = torch.cuda.stream(self.copy_stream) if self._cuda else _Null()
         with copy_ctx:
-            plan = build_plan(ids, tts, cus, residents, self.encoder.base.position_offset, self.device,
-                              self._want_tiles)
+            plan = build_plan(b.input_ids, b.token_type_ids, b.cu_seqlens, ress, self.encoder.base.position_offset,
+                              self.device, self._want_tiles, tenant_index=row_t, seqs=seqs)
             if self._cuda:
                 copied = torch.cuda.Event()
                 copied.record(self.copy_stream)
-        plan.layer_events = self.pool.layer_events(residents)
+        plan.layer_events = self.pool.layer_events(job.residents)
         job.plan = plan
         job.t_prep = time.perf_counter()
         comp_ctx = torch.cuda.stream(self.compute_stream) if self._cuda else _Null()
@@ -177,28 +186,22 @@ class Engine:
                 job.start_ev.record(self.compute_stream)
             hidden = self.encoder.forward(plan)
             base = self.encoder.base
-            pooled = heads.pool(hidden, plan, base.pooler_w, base.pooler_b) if any(hg.seq_order for hg in plan.heads) else None
-            results = []
-            for hg in plan.heads:
-                for kind in ("seq", "tok"):
-                    if kind == "seq" and not hg.seq_order or kind == "tok" and not hg.tok_order:
-                        continue
-                    logits, probs = heads.seq_logits(hg, pooled) if kind == "seq" else heads.token_logits(hg, hidden)
-                    both = torch.stack([logits.float(), probs])
-                    host = torch.empty(both.shape, dtype=torch.float32, pin_memory=self._cuda)
-                    host.copy_(both, non_blocking=self._cuda)
-                    results.append((hg, kind, host))
-            job.results = results
-            if self._cuda:
+            buf, job.layout = heads.compact_results(plan, hidden, base.pooler_w, base.pooler_b)
+            if self._cuda:  # ONE device->host copy of the whole batch's compact results
+                job.host = torch.empty(buf.shape, dtype=torch.float32, pin_memory=True)
+                job.host.copy_(buf, non_blocking=True)
                 job.done = torch.cuda.Event(enable_timing=True)
                 job.done.record(self.compute_stream)
+            else:
+                job.host = buf
 
     def _check_ids(self, b: PackedBatch) -> None:
         # An out-of-range index would be a device-side assert on CUDA (fatal for the process).
         base = self.encoder.base
         if int(b.input_ids.min()) < 0 or int(b.input_ids.max()) >= base.word_emb.shape[0]:
             raise BatchError("input id outside the vocabulary")
-        if max(b.lengths()) + base.position_offset > base.pos_emb.shape[0]:
+        cu = b.cu_seqlens.numpy()
+        if int((cu[1:] - cu[:-1]).max()) + base.position_offset > base.pos_emb.shape[0]:
             raise BatchError("sequence longer than the model's position embeddings")
         if b.token_type_ids is not None and base.type_emb is not None and \
                 (int(b.token_type_ids.min()) < 0 or int(b.token_type_ids.max()) >= base.type_emb.shape[0]):
@@ -222,49 +225,60 @@ class Engine:
     def _finish(self, job: _InFlight) -> None:
         now = time.perf_counter()
         gpu_ms = job.start_ev.elapsed_time(job.done) if job.start_ev is not None else None
-        plan = job.plan
-        if plan is not None:
-            keep = job.keep
-            order, res_sorted = plan.order.tolist(), plan.residents
-            for hg, kind, host in job.results:
-                logits, probs = host[0], host[1]
-                if kind == "seq":
-                    for row, s in enumerate(hg.seq_order):
-                        out = job.outputs[keep[order[s]]]
-                        res = res_sorted[s]
-                        n = res.n_labels
-                        p = probs[row, :n]
-                        out.scores, out.logits = p.tolist(), logits[row, :n].tolist()
-                        out.label = res.labels[int(p.argmax())]
-                        out.labels = list(res.labels)
-                else:
-                    off = 0
-                    for s, ln in zip(hg.tok_order, hg.tok_lens):
-                        out = job.outputs[keep[order[s]]]
-                        res = res_sorted[s]
-                        n = res.n_labels
-                        p = probs[off:off + ln, :n]
-                        out.token_scores = p.tolist()
-                        out.token_labels = [res.labels[j] for j in p.argmax(-1).tolist()]
-                        off += ln
-        self.pool.release(job.residents or [])
-        base_t = job.batch.enqueued_at or job.t_submit
+        b = job.batch
+        base_t = b.enqueued_at or job.t_submit
         timings = {"queue_ms": (job.t_launch - job.t_submit) * 1e3, "prep_ms": (job.t_prep - job.t_launch) * 1e3
                    if job.t_prep else 0.0, "total_ms": (now - base_t) * 1e3}
         if gpu_ms is not None:
             timings["gpu_ms"] = gpu_ms
-        for o in job.outputs:
-            o.timings = dict(timings)
-        job.future.set_result(job.outputs)
+        out = BatchOutputs(b.tenant_ids, b.request_ids, job.tenant_info, job.row_tenant, timings=timings)
+        plan = job.plan
+        if plan is not None:
+            self._fill(out, plan, job.host.numpy(), job.layout)
+        self.pool.release(job.residents or [])
+        job.residents = None
+        job.future.set_result(out)
+
+    @staticmethod
+    def _fill(out: BatchOutputs, plan, h: np.ndarray, layout) -> None:
+        """Scatter the compact result buffer (plan order) into batch-order arrays: numpy only."""
+        C, Ct, Tt, tok_offsets = layout
+        B, Bs = len(out), plan.num_seqs
+        rows = plan.order  # original row of each sorted sequence
+        n_lab = np.zeros(B, dtype=np.int32)
+        n_lab[rows] = plan.rows[:, 6]
+        out.n_labels = n_lab
+        if C:
+            seq = h[:Bs * (2 * C + 2)].reshape(Bs, 2 * C + 2)
+            scores = np.zeros((B, C), dtype=np.float32)
+            logits = np.zeros((B, C), dtype=np.float32)
+            top_score = np.zeros(B, dtype=np.float32)
+            top_idx = np.full(B, -1, dtype=np.int32)
+            scores[rows] = seq[:, :C]
+            logits[rows] = seq[:, C:2 * C]
+            top_score[rows] = seq[:, 2 * C]
+            top_idx[rows] = seq[:, 2 * C + 1].astype(np.int32)
+            out.scores, out.logits, out.top_score, out.top_idx = scores, logits, top_score, top_idx
+        if Ct:
+            tok = h[Bs * (2 * C + 2 if C else 0):].reshape(Tt, Ct + 2)
+            tok_start = np.zeros(B, dtype=np.int64)
+            tok_len = np.zeros(B, dtype=np.int64)
+            for hg, off in zip((hg for hg in plan.heads if hg.tok_order), tok_offsets):
+                ln = hg.tok_lens_np
+                r = rows[hg.tok_pos]
+                tok_len[r] = ln
+                tok_start[r] = off + np.cumsum(ln) - ln
+            out.tok_start, out.tok_len = tok_start, tok_len
+            out.tok_scores = np.ascontiguousarray(tok[:, :Ct])
+            out.tok_top_score = np.ascontiguousarray(tok[:, Ct])
+            out.tok_top_idx = tok[:, Ct + 1].astype(np.int32)
 
     def _fail_all(self, job: _InFlight, exc: Exception, release_slot: bool = True) -> None:
         err = exc if isinstance(exc, EngineError) else EngineError(f"batch failed: {exc!r}")
         if job.residents:
             self.pool.release(job.residents)
             job.residents = None
-        rids = job.batch.request_ids or [None] * job.batch.num_seqs
-        outs = [RequestOutput(tenant_id=t, request_id=rids[i], error=err) for i, t in enumerate(job.batch.tenant_ids)]
         if not job.future.done():
-            job.future.set_result(outs)
+            job.future.set_result(BatchOutputs.failed(job.batch.tenant_ids, job.batch.request_ids, err))
         if release_slot:
             self._slots.release()

@@ -7,6 +7,7 @@ import threading
 import time
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from workers.engine.batch import PackedBatch, RequestItem
@@ -36,22 +37,46 @@ class BatchTokenizer:
             for j, i in enumerate(idx):
                 ids[i] = enc["input_ids"][j]
                 tts[i] = enc["token_type_ids"][j] if "token_type_ids" in enc else None
+        return self._pack_ids(items, ids, tts)
+
+    def _pack_ids(self, items: Sequence[RequestItem], ids: list, tts: list) -> PackedBatch:
+        """Flatten per-item ids (lists or int arrays) into one packed batch: whole-array numpy
+        (one np.fromiter / np.concatenate, one cumsum), no per-token Python."""
+        n = len(items)
+        ml = self.max_length
         for i, it in enumerate(items):
             if it.token_ids is not None:
-                if not it.token_ids:
+                x = it.token_ids
+                if len(x) == 0:
                     raise BatchError("empty token_ids")
-                ids[i] = list(it.token_ids[:self.max_length])
-                tts[i] = list(it.token_type_ids[:self.max_length]) if it.token_type_ids else [0] * len(ids[i])
-        lens = [len(x) for x in ids]
-        cu = torch.zeros(len(items) + 1, dtype=torch.int64)
-        cu[1:] = torch.tensor(lens).cumsum(0)
-        flat = torch.tensor([t for x in ids for t in x], dtype=torch.int64)
+                ids[i] = x if len(x) <= ml else x[:ml]
+                t = it.token_type_ids
+                tts[i] = (t if len(t) <= ml else t[:ml]) if t is not None and len(t) else None
+        lens = np.fromiter((len(x) for x in ids), dtype=np.int64, count=n)
+        cu = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(lens, out=cu[1:])
+        total = int(cu[-1])
+        flat = _flatten(ids, total)
         tt = None
         if any(t is not None for t in tts):
-            tt = torch.tensor([v for i, x in enumerate(tts) for v in (x if x is not None else [0] * lens[i])],
-                              dtype=torch.int64)
-        return PackedBatch(flat, cu, [it.tenant_id for it in items], tt,
+            tl = np.fromiter((len(t) if t is not None else 0 for t in tts), dtype=np.int64, count=n)
+            given = np.fromiter((t is not None for t in tts), dtype=bool, count=n)
+            if (tl[given] != lens[given]).any():
+                raise BatchError("token_type_ids length differs from token_ids")
+            tt_np = _flatten([t if t is not None else itertools.repeat(0, int(lens[i])) for i, t in enumerate(tts)],
+                             total)
+            if tt_np.any():  # all zero (single texts): same embedding as no token types, nothing to ship
+                tt = torch.from_numpy(tt_np)
+        return PackedBatch(torch.from_numpy(flat), torch.from_numpy(cu), [it.tenant_id for it in items], tt,
                            [it.request_id for it in items], enqueued_at=time.perf_counter())
+
+
+def _flatten(seqs: list, total: int) -> np.ndarray:
+    """int32 [total]: the sequences back to back (lists via one np.fromiter over a chain, arrays via
+    np.concatenate)."""
+    if seqs and all(isinstance(x, np.ndarray) for x in seqs):
+        return np.concatenate(seqs).astype(np.int32, copy=False)
+    return np.fromiter(itertools.chain.from_iterable(seqs), dtype=np.int32, count=total)
 
 
 class TextEncoder:

@@ -23,7 +23,10 @@ def code_of(exc: BaseException) -> ErrorCode:
 
 
 def outputs_of(out: Any) -> dict[str, Any]:
-    """The ``outputs`` map of an ok reply from an engine RequestOutput."""
+    """The ``outputs`` map of an ok reply from an engine row (BatchOutputs row view or RequestOutput)."""
+    fast = getattr(out, "reply_outputs", None)
+    if fast is not None:  # engine RowOutput: built straight from the batch's arrays
+        return fast()
     o: dict[str, Any] = {}
     if out.token_labels is not None:
         o["token_labels"] = list(out.token_labels)

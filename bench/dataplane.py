@@ -19,7 +19,8 @@ Rows: consume, decode, tokenise, batch, engine (the engine's threads), reply_enc
 commit are timed by the worker per batch; "loop residual" is the rest of the event-loop threads
 (aiokafka's fetch/send I/O tasks, asyncio, HTTP); "native pools" is CPU of threads Python does not
 know (torch/OpenMP, tokenizers); "total" is /proc. CPU time, not wall time, is the figure that
-matters on a shared machine. Prints a table, writes bench_out/dataplane-<ts>.json (or $OUT).
+matters on a shared machine: "worker cores busy" (CPU seconds per wall second) and the host's
+load average say whether requests/s was bound by the worker or by other work on the host. Prints a table, writes bench_out/dataplane-<ts>.json (or $OUT).
 """
 
 from __future__ import annotations
@@ -207,6 +208,7 @@ def run_once(args, model_dir: Path, tenants: list[str], edges: int, tag: str) ->
     us["total"] = cpu_total
     seqs = d("flock_batch_sequences_sum") / max(1.0, d("flock_batch_sequences_count"))
     return {"edges": edges, "requests": int(n), "seconds": t1 - t0, "rps": n / (t1 - t0),
+            "cores_busy": (cpu1 - cpu0) / (t1 - t0), "load_avg": os.getloadavg()[0],
             "cpu_us_per_request": us, "mean_batch_seqs": seqs, "exit_code": rc,
             "threads_us": {k: d(f'flock_thread_cpu_seconds_total{{thread="{k}"}}') / n * 1e6
                            for k in ("loop", "tokenise", "engine", "other")}}
@@ -220,6 +222,8 @@ def table(results: list[dict]) -> str:
         lines.append(f"{k:22s}" + "".join(f"{r['cpu_us_per_request'][k]:12.1f}" for r in results))
     lines.append("-" * len(head))
     lines.append(f"{'requests/s':22s}" + "".join(f"{r['rps']:12.0f}" for r in results))
+    lines.append(f"{'worker cores busy':22s}" + "".join(f"{r['cores_busy']:12.2f}" for r in results))
+    lines.append(f"{'host load average':22s}" + "".join(f"{r['load_avg']:12.1f}" for r in results))
     lines.append(f"{'mean seqs/batch':22s}" + "".join(f"{r['mean_batch_seqs']:12.1f}" for r in results))
     lines.append(f"{'requests measured':22s}" + "".join(f"{r['requests']:12d}" for r in results))
     return "\n".join(lines)

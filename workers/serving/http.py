@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Callable
+from typing import Awaitable, Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 
 async def serve_http(host: str, port: int, registry: CollectorRegistry, live: Callable[[], bool],
-                     ready: Callable[[], bool]) -> asyncio.base_events.Server:
+                     ready: Callable[[], bool],
+                     metrics: Callable[[], Awaitable[bytes]] | None = None) -> asyncio.base_events.Server:
+    """``metrics``, when given, makes the /metrics body (a worker group merges its processes')."""
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             line = await asyncio.wait_for(reader.readline(), 5)
@@ -18,7 +20,8 @@ async def serve_http(host: str, port: int, registry: CollectorRegistry, live: Ca
             parts = line.decode("latin-1").split()
             path = parts[1].split("?")[0] if len(parts) >= 2 else ""
             if path == "/metrics":
-                status, ctype, body = 200, CONTENT_TYPE_LATEST, generate_latest(registry)
+                body = await metrics() if metrics is not None else generate_latest(registry)
+                status, ctype = 200, CONTENT_TYPE_LATEST
             elif path in ("/livez", "/readyz"):
                 ok = (live if path == "/livez" else ready)()
                 status, ctype, body = (200 if ok else 503), "text/plain", (b"ok\n" if ok else b"not ready\n")

@@ -7,6 +7,8 @@ import asyncio
 import logging
 import signal
 
+from prometheus_client import generate_latest
+
 from workers.adapters.store import AdapterStore, make_backend
 from workers.config import Settings, follows_leases, parse_partitions
 from workers.db import session_factory
@@ -14,7 +16,8 @@ from workers.models import resolve_model_dir
 from workers.serving.adapter_source import StoreLoader, active_versions
 from workers.serving.batcher import BatchPolicy
 from workers.serving.http import serve_http
-from workers.serving.metrics import WorkerMetrics
+from workers.serving.group import WorkerGroup, edge_count
+from workers.serving.metrics import WorkerMetrics, merge_exposition
 from workers.serving.tokens import IntakeTokenizer
 from workers.serving.worker import Worker, WorkerConfig
 
@@ -32,7 +35,8 @@ def worker_config(s: Settings) -> WorkerConfig:
         inflight_batches=s.inflight_batches, high_water=s.partition_high_water, low_water=s.partition_low_water,
         commit_interval_ms=s.commit_interval_ms, version_poll_s=s.version_poll_s,
         shutdown_timeout_s=s.shutdown_timeout_s, follow_leases=follows_leases(s.partitions),
-        handover_drain_s=s.handover_drain_s)
+        handover_drain_s=s.handover_drain_s, produce_linger_ms=s.produce_linger_ms,
+        produce_max_batch_bytes=s.produce_max_batch_bytes)
 
 
 def build_engine(s: Settings, store: AdapterStore):
@@ -61,8 +65,19 @@ async def run_worker(s: Settings) -> None:
     store = AdapterStore(session_factory(s.database_url), make_backend(s.store_backend, s.store_dir),
                          max_bytes=s.max_adapter_bytes, models_dir=s.models_dir)
     engine, model_dir = build_engine(s, store)
-    worker = Worker(worker_config(s), engine, IntakeTokenizer(str(model_dir), s.truncate),
-                    WorkerMetrics(), active_versions=lambda: active_versions(store))
+    n_edges = edge_count(s.edges)
+    metrics = WorkerMetrics()
+    versions = lambda: active_versions(store)  # noqa: E731
+    if n_edges == 0:  # one process: the Kafka loop next to the engine
+        worker = Worker(worker_config(s), engine, IntakeTokenizer(str(model_dir), s.truncate), metrics,
+                        active_versions=versions)
+        metrics_body = None
+    else:  # this process hosts the engine; edge processes run the Kafka loop
+        worker = WorkerGroup(s, engine, parse_partitions(s.partitions, s.request_partitions), n_edges, metrics,
+                             active_versions=versions, max_inflight=s.inflight_batches)
+
+        async def metrics_body() -> bytes:
+            return merge_exposition([generate_latest(metrics.registry), *await worker.edge_metrics()])
     # The control-plane agent: registry heartbeat always, lease following in "leases" mode.
     from workers.manager.agent import WorkerAgent
 
@@ -72,8 +87,8 @@ async def run_worker(s: Settings) -> None:
         loop.add_signal_handler(sig, worker.stop)
     server = None
     if s.http_port:
-        server = await serve_http(s.http_host, s.http_port, worker.metrics.registry,
-                                  live=lambda: True, ready=lambda: worker.ready)
+        server = await serve_http(s.http_host, s.http_port, metrics.registry,
+                                  live=lambda: True, ready=lambda: worker.ready, metrics=metrics_body)
     agent_task = asyncio.create_task(agent.run())
     try:
         await worker.run()

@@ -139,6 +139,23 @@ def test_batch_arrays_are_consistent(mixed):
         outs[len(outs)]
 
 
+def test_slice_and_pickle_keep_rows(mixed):
+    import pickle
+    _, batch, outs = mixed
+    n = len(outs)
+    for a, b in ((0, n), (1, n - 2), (n // 2, n)):
+        part = outs.slice(a, b)
+        assert len(part) == b - a
+        for j in range(b - a):
+            x, y = part[j].to_request_output(), outs[a + j].to_request_output()
+            assert (x.tenant_id, x.request_id, x.label, x.scores, x.token_scores, x.labels, type(x.error)) == \
+                (y.tenant_id, y.request_id, y.label, y.scores, y.token_scores, y.labels, type(y.error))
+            assert part[j].reply_outputs() == outs[a + j].reply_outputs() if y.error is None else True
+    back = pickle.loads(pickle.dumps(outs))
+    assert [r.reply_outputs() if r.error is None else str(r.error) for r in back] == \
+        [r.reply_outputs() if r.error is None else str(r.error) for r in outs]
+
+
 def test_whole_batch_failure_is_one_error_per_row(tiny_bert_dir):
     rng = np.random.default_rng(0)
     d = random_delta("a", "lora", dims_of(tiny_bert_dir), rng, task="seq_cls")

@@ -182,6 +182,23 @@ class BatchOutputs:
     def __iter__(self):
         return (RowOutput(self, i) for i in range(len(self.tenant_ids)))
 
+    def slice(self, start: int, stop: int) -> "BatchOutputs":
+        """Rows [start, stop) as a BatchOutputs of array views (no copy, no per-row Python): e.g. the
+        part of a merged batch that belongs to one edge process. Token arrays stay whole (tok_start
+        indexes into them)."""
+        rid = self.request_ids[start:stop] if self.request_ids is not None else None
+        return BatchOutputs(self.tenant_ids[start:stop], rid, self.tenants, self.row_tenant[start:stop],
+                            scores=self.scores[start:stop], logits=self.logits[start:stop],
+                            top_idx=self.top_idx[start:stop], top_score=self.top_score[start:stop],
+                            n_labels=self.n_labels[start:stop], tok_start=self.tok_start[start:stop],
+                            tok_len=self.tok_len[start:stop], tok_scores=self.tok_scores,
+                            tok_top_idx=self.tok_top_idx, tok_top_score=self.tok_top_score, timings=self.timings)
+
+    def __getstate__(self):  # pickles as its arrays (the per-row list cache is rebuilt on demand)
+        d = dict(self.__dict__)
+        d.pop("_py", None)
+        return d
+
     def _lists(self) -> tuple:
         """Per-batch Python lists of the row arrays (a few C-level .tolist() calls, once), so that
         per-row access is plain list indexing."""

@@ -198,6 +198,10 @@ def run_once(args, model_dir: Path, tenants: list[str], edges: int, tag: str) ->
     if replies(m1) < total:
         raise SystemExit(f"only {replies(m1):.0f} of {total} replies within {args.timeout}s:\n{w.log_tail()}")
 
+    ok = m1.get('flock_replies_total{status="ok"}', 0.0)
+    if ok < total:
+        print(f"[dataplane] warning: only {ok:.0f} of {total} replies are ok", flush=True)
+
     def d(key: str) -> float:
         return m1.get(key, 0.0) - m0.get(key, 0.0)
     us = {st: d(f'flock_stage_cpu_seconds_total{{stage="{st}"}}') / n * 1e6 for st in STAGES}
@@ -208,7 +212,7 @@ def run_once(args, model_dir: Path, tenants: list[str], edges: int, tag: str) ->
     us["total"] = cpu_total
     seqs = d("flock_batch_sequences_sum") / max(1.0, d("flock_batch_sequences_count"))
     return {"edges": edges, "requests": int(n), "seconds": t1 - t0, "rps": n / (t1 - t0),
-            "cores_busy": (cpu1 - cpu0) / (t1 - t0), "load_avg": os.getloadavg()[0],
+            "cores_busy": (cpu1 - cpu0) / (t1 - t0), "ok_replies": int(ok), "load_avg": os.getloadavg()[0],
             "cpu_us_per_request": us, "mean_batch_seqs": seqs, "exit_code": rc,
             "threads_us": {k: d(f'flock_thread_cpu_seconds_total{{thread="{k}"}}') / n * 1e6
                            for k in ("loop", "tokenise", "engine", "other")}}

@@ -320,7 +320,9 @@ class WorkerGroup:
         for q in qs:
             cu.append(q.cu[1:].astype(np.int64) + off)
             off += int(q.cu[-1])
-        tenant_ids = [t for q in qs for t in np.asarray(q.tenants, dtype=object)[q.tenant_index].tolist()]
+        tenant_ids = []
+        for q in qs:  # the engine wants one name per sequence: one C-level take per edge batch
+            tenant_ids += np.asarray(q.tenants, dtype=object)[q.tenant_index].tolist()
         return PackedBatch(torch.from_numpy(ids), torch.from_numpy(np.concatenate(cu)), tenant_ids,
                            torch.from_numpy(tt) if tt is not None else None)
 
@@ -357,7 +359,7 @@ class WorkerGroup:
         for e, gen, q in parts:
             n = len(q.tenant_index)
             if e.alive and e.gen == gen:
-                write_frame(e.writer, ("result", q.seq, encode_outputs(outputs[i:i + n]), None))
+                write_frame(e.writer, ("result", q.seq, encode_outputs(outputs, i, i + n), None))
             i += n
         self.metrics.stage_cpu.add("engine", t0)
 

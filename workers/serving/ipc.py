@@ -5,9 +5,8 @@
 - Token batches: each edge has a shared-memory segment of ``slots`` fixed slots; a slot holds a
   packed batch (int32 token ids, token type ids, cu_seqlens, per-sequence tenant index). The
   edge owns a slot from packing until the batch's result frame comes back.
-- Results: per batch, arrays (scores flattened with offsets, top label index) plus one entry per
-  distinct tenant (label names, adapter version); errors by sequence index. Token
-  classification outputs, rare and large, travel as objects.
+- Results: per batch, the rows of the engine's BatchOutputs that belong to the edge (top label
+  index and score, padded scores/logits, token ranges) plus its per-tenant facts, once.
 """
 
 from __future__ import annotations
@@ -130,56 +129,24 @@ def pack_works(works: list[Any]) -> ArrayBatch:
 
 
 # ---------------------------------------------------------------- results
-_ERRORS = ("UnknownTenant", "AdapterLoadError", "PoolExhausted", "BatchError", "EngineError")
+_ROW_ARRAYS = ("row_tenant", "n_labels", "top_idx", "top_score", "scores", "logits", "tok_start", "tok_len")
+_TOK_ARRAYS = ("tok_scores", "tok_top_idx", "tok_top_score")
 
 
-def encode_outputs(outputs: list[Any]) -> dict:
-    """RequestOutputs of one edge's batch -> arrays + per-tenant facts."""
-    n = len(outputs)
-    nscores = np.zeros(n, dtype=np.int32)
-    label_idx = np.full(n, -1, dtype=np.int32)
-    flat: list[float] = []
-    tenants: dict[str, tuple] = {}
-    errors: dict[int, tuple[str, str]] = {}
-    objects: dict[int, Any] = {}
-    for i, o in enumerate(outputs):
-        if o.error is not None:
-            name = type(o.error).__name__
-            errors[i] = (name if name in _ERRORS else "EngineError", str(o.error))
-            continue
-        if o.token_labels is not None or o.scores is None or o.labels is None or o.label not in o.labels:
-            objects[i] = o
-            continue
-        if o.tenant_id not in tenants:
-            tenants[o.tenant_id] = (o.labels, o.adapter_version, o.task)
-        nscores[i] = len(o.scores)
-        flat.extend(o.scores)
-        label_idx[i] = o.labels.index(o.label)
-    return {"n": n, "nscores": nscores, "scores": np.asarray(flat, dtype=np.float64), "label_idx": label_idx,
-            "tenants": tenants, "errors": errors, "objects": objects}
+def encode_outputs(outputs: Any, start: int, stop: int) -> dict:
+    """Rows [start, stop) of the engine's BatchOutputs as arrays: one edge's share of a merged
+    batch. Per-tenant facts (labels, version, task, error) go once per batch, not per row."""
+    res = {k: getattr(outputs, k)[start:stop] for k in _ROW_ARRAYS}
+    if len(outputs.tok_top_idx) and res["tok_len"].any():
+        res.update({k: getattr(outputs, k) for k in _TOK_ARRAYS})
+    res["tenants"] = outputs.tenants
+    res["timings"] = outputs.timings
+    return res
 
 
-def decode_outputs(res: dict, tenant_of: list[str]) -> list[Any]:
-    """The edge side: per sequence an object reply_for_output understands."""
-    from workers.engine import errors as engine_errors
-    from workers.engine.batch import RequestOutput
-    out: list[Any] = []
-    cu = np.zeros(res["n"] + 1, dtype=np.int64)
-    np.cumsum(res["nscores"], out=cu[1:])
-    scores = res["scores"].tolist()
-    label_idx = res["label_idx"].tolist()
-    tenants, errors, objects = res["tenants"], res["errors"], res["objects"]
-    for i in range(res["n"]):
-        tenant = tenant_of[i]
-        if i in errors:
-            cls, msg = errors[i]
-            out.append(RequestOutput(tenant_id=tenant, error=getattr(engine_errors, cls)(msg)))
-        elif i in objects:
-            out.append(objects[i])
-        else:
-            labels, version, task = tenants[tenant]
-            li = label_idx[i]
-            out.append(RequestOutput(tenant_id=tenant, adapter_version=version, task=task,
-                                     label=labels[li],
-                                     scores=scores[cu[i]:cu[i + 1]], labels=labels))
-    return out
+def decode_outputs(res: dict, tenant_of: list[str]) -> Any:
+    """The edge side: a BatchOutputs again (rows are lazy views reply_for_output understands)."""
+    from workers.engine.batch import BatchOutputs
+    tok = {k: res[k] for k in _TOK_ARRAYS if k in res}
+    return BatchOutputs(tenant_of, None, res["tenants"], res["row_tenant"], timings=res["timings"],
+                        **{k: res[k] for k in _ROW_ARRAYS if k != "row_tenant"}, **tok)

@@ -13,6 +13,8 @@ FLOCK_STATE_DIR=$(realpath -m -- "${FLOCK_STATE_DIR:-$bundle/state}")
 state=$FLOCK_STATE_DIR
 py=${FLOCK_PYTHON:-python3}
 pylayer=$state/python
+# useradd/runuser live in sbin, which a minimal PATH (env -i, some container shells) lacks.
+case ":$PATH:" in *:/usr/sbin:*) ;; *) PATH=$PATH:/usr/sbin:/sbin ;; esac
 bsay() { printf '[bundle] %s\n' "$*" >&2; }
 bdie() { printf '[bundle] error: %s\n' "$*" >&2; exit 1; }
 

@@ -34,10 +34,13 @@ from workers.serving.metrics import WorkerMetrics
 log = logging.getLogger("flock.group")
 
 
-def edge_count(spec: str) -> int:
-    """FLOCK_EDGES: a number, or "auto" = one edge per core but one, at least 1, at most 16."""
+def edge_count(spec: str, cores: int | None = None) -> int:
+    """FLOCK_EDGES: a number, or "auto" = one edge per core but one (at most 16); on hosts with
+    two cores or fewer "auto" is 0 (one process): there a separate engine process measured no
+    faster (bench/dataplane.py) and only adds processes competing for the same two cores."""
     if spec.strip().lower() == "auto":
-        return max(1, min(16, (os.cpu_count() or 2) - 1))
+        cores = cores or os.cpu_count() or 1
+        return 0 if cores <= 2 else min(16, cores - 1)
     return max(0, int(spec))
 
 

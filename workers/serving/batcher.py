@@ -53,6 +53,7 @@ class CoordinatedBatcher:
         self._tokens = 0
         self._seq = itertools.count()
         self._oldest: list[tuple[float, int]] = []  # heap of (arrived, seq) for the max-wait timer
+        self._deadlines: list[tuple[float, int]] = []  # heap of (deadline, seq): expiry needs no scan
         self._live: set[int] = set()
 
     def __len__(self) -> int:
@@ -77,6 +78,8 @@ class CoordinatedBatcher:
         self._count += 1
         self._tokens += item.n_tokens
         heapq.heappush(self._oldest, (item.arrived_ms, item.seq))
+        if item.deadline_ms is not None:
+            heapq.heappush(self._deadlines, (item.deadline_ms, item.seq))
         self._live.add(item.seq)
 
     def _oldest_arrival(self) -> float | None:
@@ -106,6 +109,15 @@ class CoordinatedBatcher:
         self._live.discard(item.seq)
 
     def take_expired(self, now_ms: float) -> list[Pending]:
+        # Only when some queued request's deadline has passed is the queue scanned (a backlog
+        # of requests without deadlines costs nothing here per batch).
+        d = self._deadlines
+        while d and d[0][1] not in self._live:
+            heapq.heappop(d)
+        if not d or d[0][0] > now_ms:
+            return []
+        while d and d[0][0] <= now_ms:
+            heapq.heappop(d)
         expired = []
         for tenant in list(self._queues):
             q = self._queues[tenant]
@@ -137,7 +149,7 @@ class CoordinatedBatcher:
             q = self._queues[tenant]
             room = pol.max_tokens - tokens
             # Length-aware: the most urgent request of this tenant that still fits the budget.
-            pick = next((p for p in q if p.n_tokens <= room), None)
+            pick = q[0] if q[0].n_tokens <= room else next((p for p in q if p.n_tokens <= room), None)
             if pick is None:
                 if not batch and q:  # a single request larger than the budget still runs alone
                     pick = q[0]

@@ -49,6 +49,30 @@ def edge_of(p: int, partitions: list[int], n: int) -> int:
     return partitions.index(p) % n
 
 
+def merge_round_robin(queues: list[deque], start: int, cap_tokens: int, cap_seqs: int) -> list[tuple[int, Any]]:
+    """Take queued edge batches for one engine batch: one batch per edge in turn, starting at
+    edge ``start``, while the token and sequence caps allow (the first batch always goes). An
+    edge whose next batch does not fit is passed over; a busy edge cannot crowd out the others.
+    Items need ``ids`` (tokens) and ``tenant_index`` (sequences). Returns (edge, item) in order."""
+    picks: list[tuple[int, Any]] = []
+    tokens = seqs = 0
+    n = len(queues)
+    progress = True
+    while progress:
+        progress = False
+        for k in range(n):
+            i = (start + k) % n
+            q = queues[i]
+            if not q:
+                continue
+            qt, qs = len(q[0].ids), len(q[0].tenant_index)
+            if picks and (tokens + qt > cap_tokens or seqs + qs > cap_seqs):
+                continue
+            picks.append((i, q.popleft()))
+            tokens, seqs, progress = tokens + qt, seqs + qs, True
+    return picks
+
+
 @dataclass
 class _Queued:
     seq: int
@@ -287,23 +311,9 @@ class WorkerGroup:
                 await self._work.wait()
                 continue
             t0 = thread_time()
-            parts: list[tuple[Edge, int, _Queued]] = []
-            tokens = seqs = 0
             n = len(self.edges)
-            progress = True
-            while progress:
-                progress = False
-                for k in range(n):
-                    e = self.edges[(self._rr + k) % n]
-                    if not e.queue:
-                        continue
-                    q = e.queue[0]
-                    qt, qs = len(q.ids), len(q.tenant_index)
-                    if parts and (tokens + qt > cap_tokens or seqs + qs > cap_seqs):
-                        continue
-                    e.queue.popleft()
-                    parts.append((e, e.gen, q))
-                    tokens, seqs, progress = tokens + qt, seqs + qs, True
+            picks = merge_round_robin([e.queue for e in self.edges], self._rr, cap_tokens, cap_seqs)
+            parts = [(self.edges[i], self.edges[i].gen, q) for i, q in picks]
             self._rr = (self._rr + 1) % n
             self._inflight += 1
             self.metrics.stage_cpu.add("engine", t0)

@@ -52,6 +52,9 @@ class SlotLayout:
         return self.slots * self.slot_bytes
 
 
+_CREATED: set[str] = set()  # segments this process created (and whose lifetime it owns)
+
+
 class SlotRing:
     """A shared-memory segment cut into fixed batch slots (numpy views, no copies to write)."""
 
@@ -59,7 +62,9 @@ class SlotRing:
         self.layout = layout
         self.shm = shared_memory.SharedMemory(name=name, create=create, size=layout.total_bytes if create else 0)
         self.name = self.shm.name
-        if not create:
+        if create:
+            _CREATED.add(self.name)
+        elif self.name not in _CREATED:
             # Python < 3.13 registers an attached segment with this process's resource tracker,
             # which would unlink it when this process exits; the creator owns its lifetime.
             from multiprocessing import resource_tracker

@@ -73,6 +73,10 @@ class StageCPU:
         self.seconds[stage] += dt
         self.charged += dt
 
+    def add_off_loop(self, stage: str, t0: float) -> None:
+        """Charge work done on another thread (tokeniser pool): not subtracted from awaits."""
+        self.seconds[stage] += thread_time() - t0
+
     def add_around_await(self, stage: str, t0: float, charged0: float) -> None:
         """Charge an awaited section, minus the timed stages that ran while it was suspended."""
         dt = thread_time() - t0 - (self.charged - charged0)

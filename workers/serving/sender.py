@@ -61,6 +61,7 @@ class ReplySender:
         self.dlq_topic = dlq_topic
         self._topic_ok: dict[str, tuple[bool, float]] = {}
         self._partitioner = DefaultPartitioner()  # what producer.send() would pick: murmur2 of the key
+        self._keyed: dict[tuple, int] = {}  # (topic, key, partition count) -> partition
         self._latency: dict[str, Any] = {}  # tenant -> histogram child (labels() is not free)
 
     async def reply_topic_ok(self, topic: str) -> bool:
@@ -110,7 +111,17 @@ class ReplySender:
                     parts[topic] = (sorted(cluster.partitions_for_topic(topic) or ()),
                                     sorted(cluster.available_partitions_for_topic(topic) or ()))
                 all_p, avail = parts[topic]
-                part = self._partitioner(key, all_p, avail) if all_p else 0
+                if key is not None and all_p:
+                    # Keyed: murmur2(key) over all partitions (aiokafka's is pure Python, ~5 µs):
+                    # the same few tenant ids again and again, so remember the answer.
+                    ck = (topic, key, len(all_p))
+                    part = self._keyed.get(ck)
+                    if part is None:
+                        if len(self._keyed) > 100_000:
+                            self._keyed.clear()
+                        part = self._keyed[ck] = self._partitioner(key, all_p, avail)
+                else:
+                    part = self._partitioner(key, all_p, avail) if all_p else 0
                 groups.setdefault((topic, part), []).append((w, key, value, headers))
         for (topic, part), recs in groups.items():
             builder, members = self.producer.create_batch(), []

@@ -243,7 +243,7 @@ class Worker:
         try:
             return self.tok.ids(reqs, self.cfg.max_seq_len)
         finally:
-            self.metrics.stage_cpu.add("tokenise", t0)
+            self.metrics.stage_cpu.add_off_loop("tokenise", t0)
 
     def _admit(self, w: Work, now_ms: float, errors: list[tuple[Work, InferReply]]) -> None:
         """Into the batcher, or a typed error reply (collected in ``errors``, sent per round)."""

@@ -45,10 +45,10 @@ test: setup services
 	PYTHONUNBUFFERED=1 $(PY) -m pytest $(PYTEST_ARGS)
 
 # The inner loop: everything except tests marked `restarts` (fault suite, manager fail-over,
-# worker kill -9), which need process kills/restarts and take most of `make test`'s time.
-# Still runs against the real services. Before pushing, run `make test` (what CI runs).
+# worker kill -9: process kills/restarts, most of `make test`'s time) or `slow` (single tests of
+# a minute or more). Still runs against the real services. Before pushing: `make test` (= CI).
 test-fast: setup services
-	PYTHONUNBUFFERED=1 $(PY) -m pytest -m "not restarts" $(PYTEST_ARGS)
+	PYTHONUNBUFFERED=1 $(PY) -m pytest -m "not restarts and not slow" $(PYTEST_ARGS)
 
 # The fault-injection suite, full form: kills, restarts and floods the real system; writes
 # .flock/faults/report.md + PNG timelines. (The test command runs its short form.)

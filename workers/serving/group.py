@@ -97,6 +97,8 @@ class Edge:
     queue: deque = field(default_factory=deque)
     rpcs: dict[int, asyncio.Future] = field(default_factory=dict)
     restarts: int = 0
+    quick_deaths: int = 0
+    started: float = 0.0
 
 
 class WorkerGroup:
@@ -247,6 +249,7 @@ class WorkerGroup:
         theirs.close()
         reader, e.writer = await asyncio.open_unix_connection(sock=ours)
         e.gen += 1
+        e.started = time.monotonic()
         e.alive, e.ready, e.load = True, False, None
         self._send_leases(e)
         self._spawn_task(self._read_edge(e, reader, e.gen))
@@ -296,8 +299,12 @@ class WorkerGroup:
             return
         e.restarts += 1
         self.metrics.edge_restarts.inc()
-        log.error("edge %d exited with %s; restarting it (its unacknowledged requests are replayed)", e.index, rc)
-        await asyncio.sleep(0.5)
+        # Back off when an edge keeps dying young (a bad setting, a broker it cannot reach).
+        e.quick_deaths = e.quick_deaths + 1 if time.monotonic() - e.started < 30 else 0
+        delay = min(30.0, 0.5 * 2 ** e.quick_deaths)
+        log.error("edge %d exited with %s; restarting it in %.1fs (its unacknowledged requests are replayed)",
+                  e.index, rc, delay)
+        await asyncio.sleep(delay)
         if not self.stopping.is_set():
             await self._spawn(e)
 

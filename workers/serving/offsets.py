@@ -61,7 +61,9 @@ class OffsetTracker:
 
     def mark_committed(self, offsets: dict[int, int]) -> None:
         for part, off in offsets.items():
-            self._parts[part].committed = off
+            p = self._parts.get(part)
+            if p is not None:  # forgotten while the commit was in flight (handed over or dropped)
+                p.committed = off
 
     def forget(self, partition: int) -> None:
         """Drop a partition this worker no longer owns."""

@@ -163,7 +163,8 @@ def engine_checks(device, small, results):
         pet = PET_TYPES[i % len(PET_TYPES)]
         deltas[f"t{i}"] = random_delta(f"t{i}", pet, dims, seed=i, n_labels=2 + i % 5, r=[4, 8, 16][i % 3],
                                        sites=["q", "v", "ffn_out"] if i % 2 else None, pooling=["cls", "mean", "pooler"][i % 3],
-                                       task="token_cls" if i % 7 == 0 else "seq_cls", bottleneck=32, scale=0.1)
+                                       task="token_cls" if i % 7 == 0 else "seq_cls", bottleneck=32, scale=0.1,
+                                       head_activation=[None, "tanh", None, "relu"][i % 4] if i % 7 else None)
     rng = np.random.default_rng(1)
     tenants = [f"t{int(rng.integers(60))}" for _ in range(120)]
     batch = random_packed(tenants, rng.integers(4, 128, size=120), vocab=1000, seed=2)
@@ -186,7 +187,8 @@ def engine_checks(device, small, results):
         per_type: dict[str, list] = {}
         for oa, ob in zip(outs, ref):
             assert oa.error is None and ob.error is None, (oa.error, ob.error)
-            pet = deltas[oa.tenant_id].pet_type
+            d = deltas[oa.tenant_id]
+            pet = d.pet_type + (" (two-layer head)" if "head" in d.config else "")
             if oa.logits is not None:
                 e = rel(torch.tensor(oa.logits), torch.tensor(ob.logits))
                 ps = float(np.abs(np.array(oa.scores) - np.array(ob.scores)).max())

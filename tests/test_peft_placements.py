@@ -4,13 +4,16 @@ layers_to_transform, feedforward_modules, rank/alpha patterns), saved with save_
 imported with the `flockserve adapter import` console script, loaded back through the adapter
 store and served by the engine in one mixed batch (with native tenants of other PET types);
 served outputs must equal PEFT's own forward pass (fp32, relative error <= 1e-4). The same
-batches also run on the Triton fast path under TRITON_INTERPRET=1 (CPU)."""
+batches also run on the Triton fast path under TRITON_INTERPRET=1 (CPU). RoBERTa and DistilBERT
+SEQ_CLS adapters carry two-layer heads (classifier.dense + tanh + out_proj; pre_classifier + ReLU +
+classifier) and share their batch with one-layer (token and native sequence) heads."""
 
 from __future__ import annotations
 
 import json
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -106,12 +109,20 @@ def _peft_configs():
                                            feedforward_modules=["key", "intermediate.dense", "pooler.dense"])),
             ("lora-all-linear", S, LoraConfig(task_type=S, target_modules="all-linear", r=4, **lora)),
         ],
+        # RoBERTa / DistilBERT SEQ_CLS: two-layer heads (classifier.dense + tanh + classifier.out_proj;
+        # pre_classifier + ReLU + classifier) on the first token, served as Flock two-layer heads
         "roberta": [
+            ("ia3-defaults-seq", S, IA3Config(task_type=S)),
+            ("lora-all-linear-seq", S, LoraConfig(task_type=S, target_modules="all-linear", r=4, **lora)),
             ("ia3-defaults", T, IA3Config(task_type=T)),
             ("lora-dense", T, LoraConfig(task_type=T, target_modules=["query", "key", "value", "dense"], r=4, **lora)),
             ("lora-regex", T, LoraConfig(task_type=T, r=2, target_modules=r".*\.(0|2)\.(attention\.self\.key|intermediate\.dense)", **lora)),
         ],
         "distilbert": [
+            ("ia3-seq", S, IA3Config(task_type=S, target_modules=["k_lin", "v_lin", "lin2"],
+                                     feedforward_modules=["lin2"])),
+            ("lora-seq", S, LoraConfig(task_type=S, target_modules=["q_lin", "v_lin", "out_lin", "lin1"], r=4,
+                                       **lora)),
             ("ia3-list", T, IA3Config(task_type=T, target_modules=["k_lin", "v_lin", "out_lin", "lin1", "lin2"],
                                       feedforward_modules=["out_lin", "lin2"])),
             ("lora-list", T, LoraConfig(task_type=T, target_modules=["q_lin", "k_lin", "v_lin", "out_lin", "lin1",
@@ -239,11 +250,31 @@ def test_peft_placements_served_equal_peft(base, cli, sessions, unique, tmp_path
         cfg = deltas[f"ia3-defaults--{unique}"].config
         assert cfg["sites"] == ["attn_out.in", "ffn_out.in", "k.out", "v.out"], cfg
         assert "pooler" in deltas[f"lora-all-linear--{unique}"].config["sites"]
+    if base in ("roberta", "distilbert"):  # SEQ_CLS heads import as two-layer heads on the first token
+        for name, task, _ in _peft_configs()[base]:
+            cfg = deltas[f"{name}--{unique}"].config
+            want = {"layers": 2, "activation": "tanh" if base == "roberta" else "relu"} if task == "SEQ_CLS" else None
+            assert cfg.get("head") == want and cfg.get("pooling") == ("cls" if want else None), (name, cfg)
+        # the same two-layer head as a Flock-native adapter (flock_adapter.json + adapter.safetensors)
+        from safetensors.torch import save_file
+        src = f"{_peft_configs()[base][0][0]}--{unique}"
+        nat, d = f"native-{src}", tmp_path / "native-two-layer"
+        d.mkdir()
+        (d / "flock_adapter.json").write_text(json.dumps({"pet_type": deltas[src].pet_type,
+                                                          "config": deltas[src].config}))
+        save_file({k: v.contiguous() for k, v in deltas[src].tensors.items()}, str(d / "adapter.safetensors"))
+        cli("tenant", "create", nat)
+        cli("adapter", "import", nat, str(d), "--base-model", base_id)
+        deltas[nat], models[nat], tasks[nat] = loader(nat), models[src], tasks[src]
+        assert deltas[nat].config["head"]["layers"] == 2
     # native tenants of other PET types share the batch (not compared with PEFT; checked for isolation)
     rng = np.random.default_rng(7)
     if base in ("minilm", "bert"):
         for k, pet in enumerate(("bitfit", "adapter", "lora", "ia3")):
             deltas[f"native-{pet}"] = random_delta(f"native-{pet}", pet, dims, rng, task="seq_cls", pooling="pooler")
+    else:  # one-layer sequence heads in the same batch as the two-layer ones
+        for pet in ("lora", "bitfit"):
+            deltas[f"native-{pet}"] = random_delta(f"native-{pet}", pet, dims, rng, task="seq_cls", pooling="cls")
     batch = _batch(list(deltas), rng, vocab=int(hf_cfg["vocab_size"]) if base != "minilm" else 30000,
                    roberta=base == "roberta", distil=base == "distilbert")
     eng = Engine(base_id, lambda t: deltas[t], device="cpu")
@@ -268,10 +299,10 @@ def test_unservable_placements_say_what_to_change(cli, unique, tmp_path, tiny_ba
     t = f"refuse-{unique}"
     cli("tenant", "create", t)
     cases = [
-        ("roberta", "SEQ_CLS", LoraConfig(task_type="SEQ_CLS", target_modules=["query", "value"]),
-         "two layers; Flock serves one linear head"),
         ("distilbert", "SEQ_CLS", LoraConfig(task_type="SEQ_CLS", target_modules=["q_lin", "v_lin"]),
-         "task_type='TOKEN_CLS'"),
+         "holds no pre_classifier"),  # (pre_classifier stripped from the saved file below)
+        ("roberta", "SEQ_CLS", LoraConfig(task_type="SEQ_CLS", target_modules=["query", "value"]),
+         "save both"),  # (classifier.dense stripped)
         ("bert", "SEQ_CLS", LoraConfig(task_type="SEQ_CLS", target_modules=["query", "word_embeddings"]),
          "remove the embedding modules"),
         ("bert", "SEQ_CLS", LoraConfig(task_type="SEQ_CLS", target_modules=["query"], use_dora=True),
@@ -282,5 +313,10 @@ def test_unservable_placements_say_what_to_change(cli, unique, tmp_path, tiny_ba
     for j, (base, task, cfg, msg) in enumerate(cases):
         d = tmp_path / f"bad{j}"
         _make(tiny_bases[base], task, cfg, d, seed=j, n_labels=2)
+        if j < 2:  # a partial two-layer head, as a hand-edited or foreign save would hold
+            from safetensors.torch import load_file, save_file
+            f = d / "adapter_model.safetensors"
+            save_file({k: v for k, v in load_file(str(f)).items()
+                       if not re.search(r"pre_classifier|classifier\.dense", k)}, str(f))
         p = cli("adapter", "import", t, str(d), "--base-model", str(tiny_bases[base]), ok=False)
         assert p.returncode == 1 and msg in p.stderr, (j, p.stderr)

@@ -127,7 +127,12 @@ def random_delta(tid: str, pet: str, dims: BaseDims, rng: np.random.Generator, *
                 t[f"layers.{i}.{s}.mask_bits"] = torch.from_numpy(np.packbits(m, bitorder="little"))
     else:
         raise ValueError(pet)
+    head_act = over.pop("head_activation", None)  # "tanh" | "relu": a two-layer seq_cls head
     assert not over, over
+    if head_act is not None:
+        cfg["head"] = {"layers": 2, "activation": head_act}
+        t["head.dense.weight"] = rnd(dims.hidden, dims.hidden, s=0.3)
+        t["head.dense.bias"] = rnd(dims.hidden, s=0.3)
     t["head.weight"] = rnd(n_labels, dims.hidden, s=0.5)
     t["head.bias"] = rnd(n_labels)
     return TenantDelta(tid, 1, pet, cfg, t)
@@ -222,6 +227,9 @@ class Reference:
             return hid @ W.T + b
         pooled = {"cls": hid[0], "mean": hid.mean(0), "pooler": out.pooler_output[0] if cfg["pooling"] == "pooler"
                   else None}[cfg["pooling"]]
+        if cfg.get("head", {}).get("layers") == 2:  # dense + activation, then the classifier
+            act = {"tanh": torch.tanh, "relu": torch.relu}[cfg["head"]["activation"]]
+            pooled = act(pooled @ t["head.dense.weight"].T + t["head.dense.bias"])
         return pooled @ W.T + b
 
 

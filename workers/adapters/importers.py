@@ -2,7 +2,10 @@
 
 PEFT layout: ``adapter_config.json`` + ``adapter_model.safetensors`` (a pickled
 ``adapter_model.bin`` is refused, never loaded). The classification head comes from
-``modules_to_save`` (``classifier``). Native layout: ``flock_adapter.json`` ({"pet_type",
+``modules_to_save`` (``classifier``): one linear layer (BERT/MiniLM, token heads), or two for
+sequence classification on RoBERTa (``classifier.dense`` + tanh + ``classifier.out_proj``) and
+DistilBERT (``pre_classifier`` + ReLU + ``classifier``), which import as config ``head: {"layers":
+2, "activation"}`` with ``head.dense.*`` tensors. Native layout: ``flock_adapter.json`` ({"pet_type",
 "config"}) + ``adapter.safetensors`` with tensors already named as in ``layout.py``.
 """
 
@@ -34,6 +37,9 @@ _LAYER_KEY = re.compile(r"(?:^|\.)layer\.(\d+)\.(" + "|".join(re.escape(m) for m
                         + r")\.(lora_A|lora_B|ia3_l)(?:\.weight)?$")
 _POOLER_KEY = re.compile(r"(?:^|\.)pooler\.dense\.(lora_A|lora_B|ia3_l)(?:\.weight)?$")
 _HEAD_KEY = re.compile(r"(?:^|\.)(classifier|score)\.(weight|bias)$")
+# two-layer sequence heads: RoBERTa classifier.dense + tanh + classifier.out_proj, DistilBERT
+# pre_classifier + ReLU + classifier
+_HEAD2_KEY = re.compile(r"(?:^|\.)(classifier\.dense|classifier\.out_proj|pre_classifier)\.(weight|bias)$")
 _PEFT_PREFIX = "base_model.model."
 _TASKS = {"SEQ_CLS": "seq_cls", "TOKEN_CLS": "token_cls"}
 
@@ -132,6 +138,7 @@ def _read_peft(path: Path, labels: list[str] | None, pooling: str | None, max_by
     found: dict[tuple[int | None, str], dict[str, torch.Tensor]] = {}
     module_of: dict[tuple[int | None, str], str] = {}
     head: dict[str, torch.Tensor] = {}
+    head2: dict[str, dict[str, torch.Tensor]] = {}  # "classifier.dense" | "classifier.out_proj" | "pre_classifier"
     for key, t in raw.items():
         m = _LAYER_KEY.search(key)
         p = None if m else _POOLER_KEY.search(key)
@@ -142,6 +149,10 @@ def _read_peft(path: Path, labels: list[str] | None, pooling: str | None, max_by
             module_of[cell] = key[len(_PEFT_PREFIX):] if key.startswith(_PEFT_PREFIX) else key
             module_of[cell] = module_of[cell][:module_of[cell].rindex("." + kind)]
             continue
+        h = _HEAD2_KEY.search(key)
+        if h:
+            head2.setdefault(h.group(1), {})[h.group(2)] = t
+            continue
         h = _HEAD_KEY.search(key)
         if h:
             head[h.group(2)] = t
@@ -149,8 +160,7 @@ def _read_peft(path: Path, labels: list[str] | None, pooling: str | None, max_by
         raise AdapterRejected(_unsupported_tensor(key, task))
     if not found:
         raise AdapterRejected("no adapter tensors found")
-    if task == "seq_cls" and any(re.search(r"(?:^|\.)distilbert\.", k) for k in raw):
-        raise AdapterRejected(_unsupported_tensor("pre_classifier.weight", task))
+    dense, act = _two_layer_head(raw, head, head2, task)
     if set(head) != {"weight", "bias"} or head["weight"].dim() != 2:
         raise AdapterRejected("no classification head: train with modules_to_save=['classifier'] "
                               "(a linear classifier with weight and bias)")
@@ -158,7 +168,16 @@ def _read_peft(path: Path, labels: list[str] | None, pooling: str | None, max_by
     tensors: dict[str, torch.Tensor] = {"head.weight": head["weight"], "head.bias": head["bias"]}
     config: dict[str, Any] = {"task": task, "labels": _labels_for(path, n_labels, labels)}
     if task == "seq_cls":
-        config["pooling"] = pooling or "pooler"  # HF *ForSequenceClassification classifies the pooler output
+        # BertForSequenceClassification classifies the pooler output; RoBERTa / DistilBERT's two-layer
+        # heads read the first token's hidden state (<s> / [CLS]) and have no pooler.
+        config["pooling"] = pooling or ("cls" if dense else "pooler")
+    if dense:
+        h = head["weight"].shape[1]
+        if dense["weight"].shape != (h, h) or dense["bias"].shape != (h,):
+            raise AdapterRejected(f"classification head's dense layer has shape {tuple(dense['weight'].shape)}; "
+                                  f"expected ({h}, {h}) before a classifier of input {h}")
+        config["head"] = {"layers": 2, "activation": act}
+        tensors["head.dense.weight"], tensors["head.dense.bias"] = dense["weight"], dense["bias"]
     if peft_type == "LORA":
         pet_type = "lora"
         cells = _lora_cells(found, module_of, pc, tensors, config)
@@ -169,15 +188,34 @@ def _read_peft(path: Path, labels: list[str] | None, pooling: str | None, max_by
     return ImportedAdapter(pet_type, config, tensors, pc.get("base_model_name_or_path"))
 
 
+def _two_layer_head(raw, head: dict, head2: dict, task: str):
+    """(dense {"weight", "bias"} | None, activation) of the saved head; RoBERTa's out_proj moves
+    into ``head``. Refuses partial two-layer heads with what to save."""
+    distil = any(re.search(r"(?:^|\.)distilbert\.", k) for k in raw)
+    if not head2:
+        if task == "seq_cls" and distil:
+            raise AdapterRejected("DistilBertForSequenceClassification's head is pre_classifier + ReLU + "
+                                  "classifier and the adapter holds no pre_classifier: keep PEFT's default "
+                                  "modules_to_save (or modules_to_save=['pre_classifier', 'classifier'])")
+        return None, None
+    if task != "seq_cls":
+        raise AdapterRejected(f"tensors {sorted(head2)} form a two-layer head, which Flock serves for "
+                              "task_type='SEQ_CLS' only; train a token classifier with a linear classifier")
+    for name, d in head2.items():
+        if set(d) != {"weight", "bias"} or d["weight"].dim() != 2:
+            raise AdapterRejected(f"{name}: needs weight (2-D) and bias")
+    if "pre_classifier" in head2:
+        if set(head2) != {"pre_classifier"}:
+            raise AdapterRejected(f"head tensors {sorted(head2)} mix DistilBERT's and RoBERTa's heads")
+        return head2["pre_classifier"], "relu"
+    if set(head2) != {"classifier.dense", "classifier.out_proj"} or head:
+        raise AdapterRejected("RobertaForSequenceClassification's head is classifier.dense + tanh + "
+                              "classifier.out_proj: save both (keep modules_to_save=['classifier'])")
+    head.update(head2["classifier.out_proj"])
+    return head2["classifier.dense"], "tanh"
+
+
 def _unsupported_tensor(key: str, task: str) -> str:
-    if re.search(r"(?:^|\.)classifier\.(dense|out_proj)\.", key):
-        return (f"tensor {key!r}: RobertaForSequenceClassification's head (classifier.dense + tanh + "
-                "classifier.out_proj) is two layers; Flock serves one linear head. Import a RoBERTa "
-                "adapter trained with task_type='TOKEN_CLS', or a BERT/MiniLM SEQ_CLS adapter")
-    if re.search(r"(?:^|\.)pre_classifier\.", key):
-        return (f"tensor {key!r}: DistilBertForSequenceClassification's head (pre_classifier + ReLU + "
-                "classifier) is two layers; Flock serves one linear head. Import a DistilBERT adapter "
-                "trained with task_type='TOKEN_CLS'")
     if re.search(r"lora_embedding_[AB]|(?:^|\.)embeddings\.", key):
         return (f"tensor {key!r}: LoRA/IA3 on the embeddings is not served; remove the embedding "
                 "modules (word_embeddings, position_embeddings, ...) from target_modules")

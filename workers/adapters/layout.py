@@ -5,7 +5,10 @@ for a given base model. The adapter store validates imports against it; the engi
 it. Pure Python (no torch) so that both the CLI and the GPU machine can import it.
 
 Naming: ``layers.{i}.{site}.{param}`` for per-layer tensors, ``head.weight`` / ``head.bias`` for
-the task head. Linear sites of a BERT layer, with (in, out) features:
+the task head. A two-layer sequence-classification head (config ``head: {"layers": 2,
+"activation": "tanh" | "relu"}``: RoBERTa's ``classifier.dense`` + tanh + ``classifier.out_proj``,
+DistilBERT's ``pre_classifier`` + ReLU + ``classifier``) adds ``head.dense.weight`` (h, h) and
+``head.dense.bias`` (h): logits = head(act(dense(pooled))). Linear sites of a BERT layer, with (in, out) features:
 
     q, k, v      hidden -> hidden        attention projections
     attn_out     hidden -> hidden        attention output dense
@@ -43,6 +46,7 @@ TASKS = ("seq_cls", "token_cls")
 # seq_cls pooling: "pooler" = the base model's dense+tanh over [CLS] (HF *ForSequenceClassification),
 # "cls" = raw [CLS] hidden state, "mean" = mean over the sequence's tokens (sentence-transformers).
 POOLINGS = ("pooler", "cls", "mean")
+HEAD_ACTIVATIONS = ("tanh", "relu")  # of a two-layer seq_cls head (RoBERTa: tanh, DistilBERT: relu)
 
 MAX_LORA_RANK = 256
 MAX_BOTTLENECK = 1024
@@ -157,6 +161,24 @@ def _ia3_entries(cfg: Mapping[str, Any]) -> list[str]:
     return entries
 
 
+def head_kind(cfg: Mapping[str, Any]) -> tuple[int, str | None]:
+    """(layers, activation) of a delta's task head: (1, None) or (2, "tanh" | "relu")."""
+    head = cfg.get("head")
+    if head is None:
+        return 1, None
+    _need(isinstance(head, dict) and set(head) <= {"layers", "activation"},
+          'config.head must be {"layers": 1} or {"layers": 2, "activation": "tanh" | "relu"}')
+    layers = head.get("layers", 1)
+    _need(layers in (1, 2) and not isinstance(layers, bool), "config.head.layers must be 1 or 2")
+    if layers == 1:
+        _need("activation" not in head, "config.head.activation needs config.head.layers 2")
+        return 1, None
+    act = head.get("activation")
+    _need(act in HEAD_ACTIVATIONS, f"config.head.activation must be one of {list(HEAD_ACTIVATIONS)}")
+    _need(cfg.get("task") == "seq_cls", "a two-layer head (config.head.layers 2) is for task seq_cls only")
+    return 2, act
+
+
 def validate_config(pet_type: str, cfg: Mapping[str, Any]) -> None:
     """Check a delta's config for sanity (independently of tensors)."""
     _need(pet_type in PET_TYPES, f"unsupported PET type {pet_type!r}; supported {list(PET_TYPES)}")
@@ -169,6 +191,7 @@ def validate_config(pet_type: str, cfg: Mapping[str, Any]) -> None:
     _need(len(set(labels)) == len(labels), "config.labels has duplicates")
     if task == "seq_cls":
         _need(cfg.get("pooling", "cls") in POOLINGS, f"config.pooling must be one of {list(POOLINGS)}")
+    head_kind(cfg)  # task head: one linear layer, or dense + activation + linear (seq_cls)
     if pet_type in ("lora", "ia3") and cfg.get("site_layers") is not None:
         _need(cfg.get("layers") is None, "config.layers and config.site_layers are exclusive")
     if pet_type == "lora":
@@ -234,6 +257,8 @@ def expected_tensors(pet_type: str, cfg: Mapping[str, Any], dims: BaseDims) -> l
                 out_f, in_f = dims.site_shape(s)
                 specs.append(TensorSpec(f"layers.{i}.{s}.mask_bits", ((out_f * in_f + 7) // 8,), "uint8"))
     n_labels, h = len(cfg["labels"]), dims.hidden
+    if head_kind(cfg)[0] == 2:
+        specs += [TensorSpec("head.dense.weight", (h, h), "float"), TensorSpec("head.dense.bias", (h,), "float")]
     specs += [TensorSpec("head.weight", (n_labels, h), "float"), TensorSpec("head.bias", (n_labels,), "float")]
     return specs
 

@@ -1,13 +1,17 @@
 """Task heads: pooling per sequence, then per-tenant heads by gathered batched matmuls.
 
-Heads are banked by label-count bucket; padded label columns are masked out of the softmax.
+Heads are banked by kind and label-count bucket; padded label columns are masked out of the
+softmax. A one-layer head (bank ``head:c{C}``) is ``W·x + b``; a two-layer sequence head (bank
+``head2:{tanh|relu}:c{C}``: RoBERTa / DistilBERT ``*ForSequenceClassification``) first applies
+the tenant's dense (h x h) + activation to the pooled vector. Tenants of both kinds share a
+batch: the plan makes one head group per head bank.
 """
 
 from __future__ import annotations
 
 import torch
 
-from workers.adapters.layout import BaseDims
+from workers.adapters.layout import BaseDims, head_kind
 from workers.engine.bank import BankLayout, SlotSpec
 from workers.engine.batch import TenantDelta
 from workers.engine.pets import pooler as pooler_pets
@@ -16,10 +20,19 @@ from workers.engine.pets.common import next_bucket
 LABEL_BUCKETS = (2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
+_ACT = {"tanh": torch.tanh, "relu": torch.relu}
+
+
 def bank_layout(cfg: dict, dims: BaseDims) -> BankLayout:
     cb = next_bucket(len(cfg["labels"]), LABEL_BUCKETS)
-    return BankLayout(f"head:c{cb}", "head", {"weight": SlotSpec((cb, dims.hidden), per_layer=False),
-                                              "bias": SlotSpec((cb,), per_layer=False)})
+    h = dims.hidden
+    specs = {"weight": SlotSpec((cb, h), per_layer=False), "bias": SlotSpec((cb,), per_layer=False)}
+    layers, act = head_kind(cfg)
+    if layers == 1:
+        return BankLayout(f"head:c{cb}", "head", specs)
+    specs = {"dense_weight": SlotSpec((h, h), per_layer=False), "dense_bias": SlotSpec((h,), per_layer=False),
+             **specs}
+    return BankLayout(f"head2:{act}:c{cb}", "head", specs, extra={"activation": act})
 
 
 def slot_tensors(delta: TenantDelta, t: dict[str, torch.Tensor], dims: BaseDims, layout: BankLayout):
@@ -27,6 +40,9 @@ def slot_tensors(delta: TenantDelta, t: dict[str, torch.Tensor], dims: BaseDims,
     c = len(delta.config["labels"])
     out["weight"][:c] = t["head.weight"]
     out["bias"][:c] = t["head.bias"]
+    if "dense_weight" in out:
+        out["dense_weight"].copy_(t["head.dense.weight"])
+        out["dense_bias"].copy_(t["head.dense.bias"])
     return out
 
 
@@ -55,11 +71,24 @@ def _masked_softmax(logits: torch.Tensor, nlabels: torch.Tensor) -> torch.Tensor
     return torch.softmax(logits.float().masked_fill(mask, float("-inf")), dim=-1)
 
 
+def _dense(hg, x: torch.Tensor) -> torch.Tensor:
+    """act(x·Wdᵀ + bd) of a two-layer head group, [n, h] -> [n, h]. Rows are laid out per distinct
+    tenant ([u, max rows, h], plan.HeadGroup.dense_*) so each tenant's h x h dense is read once."""
+    Wd = hg.bank.get("dense_weight").index_select(0, hg.dense_slots)  # [u, h, h]
+    bd = hg.bank.get("dense_bias").index_select(0, hg.dense_slots)
+    z = torch.baddbmm(bd.unsqueeze(1), x[hg.dense_idx], Wd.transpose(1, 2))  # [u, m, h]
+    z = z.reshape(-1, z.shape[-1]).index_select(0, hg.dense_back)  # back to group row order
+    return _ACT[hg.bank.extra["activation"]](z)
+
+
 def seq_logits(hg, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[n, Cb] logits and softmax of the group's seq_cls sequences."""
     W = hg.bank.get("weight").index_select(0, hg.seq_slots)  # [n, Cb, h]
     b = hg.bank.get("bias").index_select(0, hg.seq_slots)
-    x = pooled.index_select(0, hg.seq_rows).unsqueeze(1)  # [n, 1, h]
+    x = pooled.index_select(0, hg.seq_rows)  # [n, h]
+    if hg.dense_slots is not None:  # two-layer head: dense + activation first
+        x = _dense(hg, x)
+    x = x.unsqueeze(1)  # [n, 1, h]
     logits = torch.baddbmm(b.unsqueeze(1), x, W.transpose(1, 2)).squeeze(1)
     return logits, _masked_softmax(logits, hg.seq_nlabels)
 

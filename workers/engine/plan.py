@@ -138,6 +138,9 @@ class HeadGroup:
     seq_slots: Any = None
     seq_nlabels: Any = None
     seq_order: list = field(default_factory=list)  # sorted-seq positions (host) of seq_rows
+    dense_slots: Any = None  # two-layer heads: [u] distinct head slots of the group's seq rows,
+    dense_idx: Any = None  # [u, m] group row of each (tenant, k) cell (clamped),
+    dense_back: Any = None  # [n] flat cell of each group row (heads._dense)
     tok_pad_idx: Any = None  # token_cls: [n, Lmax] absolute token index, clamped
     tok_valid_flat: Any = None
     tok_slots: Any = None
@@ -226,6 +229,19 @@ def _pad_index(lens, max_len: int, base: int = 0):
     idx = starts[:, None] + np.minimum(pos, lens_a[:, None] - 1)
     valid = np.flatnonzero(pos < lens_a[:, None])  # == row * max_len + col of each valid cell
     return idx, valid
+
+
+def _dense_index(slots: np.ndarray):
+    """Group rows by head slot: distinct slots [u], [u, m] row index (clamped, m = most rows of one
+    slot) and each row's flat position in the [u * m] layout."""
+    order = np.argsort(slots, kind="stable")
+    uslots, start, counts = np.unique(slots[order], return_index=True, return_counts=True)
+    m = int(counts.max())
+    idx, _ = _pad_index(counts, m)
+    k = np.repeat(np.arange(uslots.size, dtype=np.int64), counts)
+    back = np.empty(slots.size, dtype=np.int64)
+    back[order] = k * m + (np.arange(slots.size, dtype=np.int64) - start[k])
+    return uslots.astype(np.int64), order[idx], back
 
 
 def _tiles(lens, slots):
@@ -396,6 +412,8 @@ def build_plan(input_ids, token_type_ids, cu_seqlens, residents: list, position_
         hh = {}
         if seq_pos.size:
             hh["seq"] = (pk.add(seq_pos), pk.add(tr[seq_pos, 5]), pk.add(tr[seq_pos, 6]))
+            if hg.bank.get("dense_weight") is not None:  # two-layer head: rows per distinct tenant
+                hh["dense"] = tuple(pk.add(a) for a in _dense_index(tr[seq_pos, 5]))
         if tok_pos.size:
             tl = lens[tok_pos]
             hg.tok_lens = tl.tolist()
@@ -426,6 +444,8 @@ def build_plan(input_ids, token_type_ids, cu_seqlens, residents: list, position_
     for hg, hh in zip(plan.heads, head_handles):
         if "seq" in hh:
             hg.seq_rows, hg.seq_slots, hg.seq_nlabels = (dev[h] for h in hh["seq"])
+        if "dense" in hh:
+            hg.dense_slots, hg.dense_idx, hg.dense_back = (dev[h] for h in hh["dense"])
         if "tok" in hh:
             hg.tok_pad_idx, hg.tok_valid_flat, hg.tok_slots, hg.tok_nlabels = (dev[h] for h in hh["tok"])
     plan._packer = pk

@@ -27,7 +27,8 @@ def save_random_bert(path: str, hidden=768, layers=12, heads=12, intermediate=30
 
 def random_delta(tid: str, pet: str, dims: BaseDims, seed: int, n_labels: int = 2, r: int = 8,
                  sites=None, scale: float = 0.05, task: str = "seq_cls", pooling: str = "cls",
-                 density: float = 0.01, bottleneck: int = 64) -> TenantDelta:
+                 density: float = 0.01, bottleneck: int = 64, head_activation: str | None = None) -> TenantDelta:
+    """``head_activation`` ("tanh" | "relu", seq_cls): a two-layer head (dense + activation + linear)."""
     g = torch.Generator().manual_seed(seed)
 
     def rnd(*shape, s=scale):
@@ -81,6 +82,10 @@ def random_delta(tid: str, pet: str, dims: BaseDims, seed: int, n_labels: int = 
                     np.packbits((rng.random(o * n) > 0.1).astype(np.uint8), bitorder="little"))
     else:
         raise ValueError(pet)
+    if head_activation is not None:
+        cfg["head"] = {"layers": 2, "activation": head_activation}
+        t["head.dense.weight"] = rnd(dims.hidden, dims.hidden, s=dims.hidden ** -0.5)
+        t["head.dense.bias"] = rnd(dims.hidden, s=0.1)
     t["head.weight"] = rnd(n_labels, dims.hidden, s=0.5)
     t["head.bias"] = rnd(n_labels, s=0.1)
     return TenantDelta(tid, 1, pet, cfg, t)

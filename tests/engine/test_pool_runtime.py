@@ -168,3 +168,32 @@ def test_submit_is_async_and_ordered(tiny_bert_dir):
             assert all(o.timings["total_ms"] >= 0 for o in outs)
     finally:
         eng.close()
+
+
+def test_cold_misses_load_in_parallel_with_the_same_outputs(tiny_bert_dir):
+    """A batch's cold tenants load on the pool's loader threads; the answers equal a serial pool's,
+    and a failing load still fails only its own tenant."""
+    import threading
+    deltas = _deltas(tiny_bert_dir, 10, pets=("lora", "adapter", "bitfit", "ia3"))
+    threads: set[str] = set()
+
+    def loader(t):
+        threads.add(threading.current_thread().name)
+        if t == "bad":
+            raise OSError("store unreachable")
+        return deltas[t]
+    batch = _batch_for([f"t{i}" for i in range(10)] + ["bad"])
+    outs = {}
+    for n in (1, 4):
+        eng = Engine(tiny_bert_dir, loader, device="cpu", pool_config=PoolConfig(load_threads=n))
+        try:
+            outs[n] = eng.run(batch)
+        finally:
+            eng.close()
+    assert any(name.startswith("flock-load") for name in threads)
+    for serial, parallel in zip(outs[1], outs[4]):
+        assert (serial.error is None) == (parallel.error is None)
+        if serial.tenant_id == "bad":
+            assert isinstance(parallel.error, AdapterLoadError)
+        else:
+            assert serial.error is None and serial.scores == parallel.scores and serial.logits == parallel.logits

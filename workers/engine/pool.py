@@ -16,7 +16,7 @@ import itertools
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -37,6 +37,7 @@ class PoolConfig:
     default_slots: int = 256
     slots: dict[str, int] = field(default_factory=dict)  # bank key -> slots, e.g. {"lora:r8:q,v": 10240}
     prefetch_threads: int = 2
+    load_threads: int = 8  # a batch's cold misses load in parallel (store I/O, sha256, checks)
 
 
 @dataclass(eq=False)
@@ -73,6 +74,10 @@ class AdapterPool:
                  config: PoolConfig | None = None, has_pooler: bool = True):
         self.dims, self.device, self.dtype = dims, torch.device(device), dtype
         self.loader, self.config, self.has_pooler = loader, config or PoolConfig(), has_pooler
+        if self.config.device_bytes <= 0:  # auto: a quarter of the GPU, 2 GiB elsewhere
+            total = (torch.cuda.get_device_properties(self.device).total_memory if self.device.type == "cuda"
+                     else 8 << 30)
+            self.config = replace(self.config, device_bytes=total // 4)
         self.banks: dict[str, SlotBank] = {}
         self._free: dict[str, list[int]] = {}
         self._lru: dict[str, OrderedDict] = {}  # bank key (or "sparse") -> tenant_id -> Resident
@@ -85,6 +90,7 @@ class AdapterPool:
         self._cuda = self.device.type == "cuda"
         self.upload_stream = torch.cuda.Stream(self.device) if self._cuda else None
         self._prefetcher = ThreadPoolExecutor(self.config.prefetch_threads, thread_name_prefix="flock-prefetch")
+        self._loads = ThreadPoolExecutor(max(1, self.config.load_threads), thread_name_prefix="flock-load")
         self.stats = {"loads": 0, "uploads": 0, "evictions": 0, "host_hits": 0, "device_hits": 0}
 
     # ---- host tier -------------------------------------------------------------------------
@@ -248,11 +254,7 @@ class AdapterPool:
         residents = self.residents
         with self._lock:
             need = [t for t in ids if (r := residents.get(t)) is None or r.stale]
-        for tid in need:  # the loader may be slow: not under the lock
-            try:
-                hosts[tid] = self._load_host(tid)
-            except EngineError as e:
-                out[tid] = e
+        self._load_all(need, hosts, out)  # the loader may be slow: not under the lock
         with self._lock:
             protect = set(ids)
             new = []
@@ -290,6 +292,19 @@ class AdapterPool:
             self.stats["device_hits"] += hits
             self._upload(new)
         return out
+
+    def _load_all(self, need: list[str], hosts: dict, out: dict) -> None:
+        """Host copies of the tenants in need; one cold tenant loads inline, several in parallel
+        (each load is mostly I/O, hashing and tensor checks that release the GIL)."""
+        if len(need) == 1 or self.config.load_threads <= 1:
+            jobs = {tid: None for tid in need}
+        else:
+            jobs = {tid: self._loads.submit(self._load_host, tid) for tid in need}
+        for tid, job in jobs.items():
+            try:
+                hosts[tid] = self._load_host(tid) if job is None else job.result()
+            except EngineError as e:
+                out[tid] = e
 
     def _touch(self, res: Resident) -> None:
         for b in (res.bank, res.head_bank):
@@ -355,6 +370,7 @@ class AdapterPool:
 
     def close(self) -> None:
         self._prefetcher.shutdown(wait=False, cancel_futures=True)
+        self._loads.shutdown(wait=False, cancel_futures=True)
 
 
 class _Null:

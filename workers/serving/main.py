@@ -42,9 +42,14 @@ def worker_config(s: Settings) -> WorkerConfig:
 def build_engine(s: Settings, store: AdapterStore):
     from workers.engine.runtime import Engine  # the only place the data plane meets torch
 
+    from workers.engine.pool import PoolConfig
+
     model_dir = resolve_model_dir(s.default_base_model, s.models_dir)
     device = None if s.device == "auto" else s.device
-    return Engine(str(model_dir), StoreLoader(store, s.default_base_model), device=device), model_dir
+    pool = PoolConfig(device_bytes=s.adapter_device_bytes, host_bytes=s.adapter_host_bytes,
+                      default_slots=s.adapter_slots, load_threads=s.adapter_load_threads)
+    return Engine(str(model_dir), StoreLoader(store, s.default_base_model), device=device,
+                  pool_config=pool), model_dir
 
 
 def engine_stats(engine) -> dict:

@@ -138,6 +138,10 @@ def make_mix(n: int, tenants: list[str], seed: int) -> list[tuple[str, str]]:
 
 
 # ------------------------------------------------------------------ rows 1-2: engine in-process
+def pool_slots(tenants: int) -> int:
+    return max(1024, tenants + 512)
+
+
 def engine_rows(model_dir: Path, store_dir: Path, db_url: str, tenants: list[str], mix, max_tokens: int,
                 max_seqs: int, seconds: float) -> dict:
     import torch
@@ -150,7 +154,10 @@ def engine_rows(model_dir: Path, store_dir: Path, db_url: str, tenants: list[str
     from workers.serving.adapter_source import StoreLoader
 
     store = AdapterStore(session_factory(db_url), make_backend("filesystem", store_dir))
-    engine = Engine(str(model_dir), StoreLoader(store, str(model_dir)))
+    from workers.engine.pool import PoolConfig
+    # Every tenant resident at once, as in the worker (FLOCK_ADAPTER_SLOTS below).
+    engine = Engine(str(model_dir), StoreLoader(store, str(model_dir)),
+                    pool_config=PoolConfig(device_bytes=0, default_slots=pool_slots(len(tenants)), load_threads=16))
     tok = BatchTokenizer(str(model_dir))
     try:
         log(f"engine: loading {len(tenants)} tenants into the adapter pool")
@@ -382,6 +389,7 @@ def kafka_rows(args, model_dir: Path, store_dir: Path, tenants: list[str], db_ur
            "FLOCK_STORE_BACKEND": "filesystem", "FLOCK_STORE_DIR": str(store_dir),
            "FLOCK_BATCH_MAX_TOKENS": str(args.max_tokens), "FLOCK_BATCH_MAX_SEQS": str(args.max_seqs),
            "FLOCK_BATCH_MAX_TENANTS": str(args.max_seqs), "FLOCK_MAX_SEQ_LEN": "128", "FLOCK_TRUNCATE": "1",
+           "FLOCK_ADAPTER_SLOTS": str(pool_slots(len(tenants))), "FLOCK_ADAPTER_LOAD_THREADS": "16",
            "FLOCK_PARTITION_HIGH_WATER": str(args.high_water), "FLOCK_PARTITION_LOW_WATER": str(args.high_water // 4)}
     if args.edges is not None:
         env["FLOCK_EDGES"] = str(args.edges)

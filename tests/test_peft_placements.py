@@ -221,7 +221,11 @@ def _serve_interpret(tmp_path, base_dir, deltas, batch):
     return outs
 
 
-@pytest.mark.parametrize("base", ["minilm", "bert", "roberta", "distilbert"])
+# The tiny BERT case runs in `make test-fast`; the real MiniLM and the other architectures only
+# in `make test` (minutes of CPU between them).
+@pytest.mark.parametrize("base", [pytest.param("minilm", marks=pytest.mark.slow), "bert",
+                                  pytest.param("roberta", marks=pytest.mark.slow),
+                                  pytest.param("distilbert", marks=pytest.mark.slow)])
 def test_peft_placements_served_equal_peft(base, cli, sessions, unique, tmp_path, minilm_dir, tiny_bases):
     from tests.engine.conftest import random_delta
     from workers.adapters.layout import BaseDims

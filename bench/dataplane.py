@@ -181,7 +181,12 @@ def run_once(args, model_dir: Path, tenants: list[str], edges: int, tag: str) ->
     env.update(dict(kv.split("=", 1) for kv in args.env))
     w = WorkerProcess(s.database_url, topics, tag, **env)
     total = len(warm) + len(reqs)
-    w.start(timeout=300, poll_s=0.02)
+    try:
+        w.start(timeout=300, poll_s=0.02)
+    except AssertionError:
+        if w.proc is not None and w.proc.poll() is None:
+            w.kill9()  # never leave a worker behind
+        raise
     # From readiness on: start-up (imports, model load) is left out, the one-time adapter loads
     # of the tenants are in (warm-up requests touch each tenant first).
     cpu0, t0 = group_cpu(w.proc.pid), time.perf_counter()

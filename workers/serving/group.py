@@ -29,6 +29,7 @@ import numpy as np
 
 from workers.config import Settings
 from workers.serving.ipc import SlotLayout, SlotRing, encode_outputs, read_frame, write_frame
+from workers.serving.versions import follow_active_versions
 from workers.serving.metrics import WorkerMetrics
 
 log = logging.getLogger("flock.group")
@@ -125,7 +126,6 @@ class WorkerGroup:
         self._rr = 0
         self._inflight = 0
         self._tasks: set[asyncio.Task] = set()
-        self._versions: dict[str, int | None] = {}
 
     # ------------------------------------------------------------ the agent's view
     @property
@@ -384,18 +384,4 @@ class WorkerGroup:
         self.metrics.stage_cpu.add("engine", t0)
 
     async def _version_loop(self) -> None:
-        """Drop residents whose tenant switched to another adapter version (or was deleted)."""
-        loop = asyncio.get_running_loop()
-        while True:
-            try:
-                current = await loop.run_in_executor(None, self.active_versions)
-            except Exception as exc:  # noqa: BLE001 - database away: keep serving what is resident
-                log.warning("adapter version poll failed: %s", exc)
-            else:
-                for tenant, version in current.items():
-                    if tenant in self._versions and self._versions[tenant] != version:
-                        self.engine.invalidate(tenant)
-                for tenant in set(self._versions) - set(current):
-                    self.engine.invalidate(tenant)
-                self._versions = current
-            await asyncio.sleep(self.s.version_poll_s)
+        await follow_active_versions(self.active_versions, self.engine.invalidate, self.s.version_poll_s)

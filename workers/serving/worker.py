@@ -29,6 +29,7 @@ from aiokafka.structs import OffsetAndMetadata
 from schema.messages import ErrorCode, InferReply, InferRequest, WireError
 from workers.serving.batcher import BatchPolicy, CoordinatedBatcher, Pending
 from workers.serving.fault_hooks import CrashPoints
+from workers.serving.versions import follow_active_versions
 from workers.serving.metrics import WorkerMetrics
 from workers.serving.offsets import OffsetTracker
 from workers.serving.ownership import PartitionOwnership
@@ -103,7 +104,6 @@ class Worker:
         self.crash = CrashPoints.from_env()  # fault-injection suite only; inert by default
         self._peak = 0
         self._cpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flock-tokenize")
-        self._versions: dict[str, int | None] = {}
         self.ownership = PartitionOwnership(cfg.requests_topic, cfg.partitions, cfg.follow_leases,
                                             forget=self.tracker.forget)
         self.sender: ReplySender | None = None
@@ -471,21 +471,7 @@ class Worker:
                 self.metrics.lag.labels(str(p)).set(self._lag[p])
 
     async def _version_loop(self) -> None:
-        """Drop residents whose tenant switched to another adapter version (or was deleted)."""
-        loop = asyncio.get_running_loop()
-        while True:
-            try:
-                current = await loop.run_in_executor(None, self.active_versions)
-            except Exception as exc:  # database away: keep serving what is resident
-                log.warning("adapter version poll failed: %s", exc)
-            else:
-                for tenant, version in current.items():
-                    if tenant in self._versions and self._versions[tenant] != version:
-                        self.engine.invalidate(tenant)
-                for tenant in set(self._versions) - set(current):
-                    self.engine.invalidate(tenant)
-                self._versions = current
-            await asyncio.sleep(self.cfg.version_poll_s)
+        await follow_active_versions(self.active_versions, self.engine.invalidate, self.cfg.version_poll_s)
 
     def _spawn(self, coro) -> None:
         t = asyncio.create_task(coro)

@@ -57,8 +57,10 @@ class Settings(BaseSettings):
     batch_max_wait_ms: float = 10.0
     inflight_batches: int = 2  # batches queued at the engine: n+1 is prepared while n runs
     # The engine's adapter pool. A batch pins its distinct tenants, so adapter_slots (per bank:
-    # PET type + shape) must be at least batch_max_tenants.
-    adapter_slots: int = 1024
+    # PET type + shape) must be at least batch_max_tenants. A bank takes its slots when first
+    # needed, so many banks of many slots can use up the device budget: raise this for many
+    # tenants of few PET shapes (10,000 LoRA tenants: FLOCK_ADAPTER_SLOTS=10500).
+    adapter_slots: int = 256
     adapter_device_bytes: int = 0  # 0 = a quarter of the GPU's memory (2 GiB on CPU)
     adapter_host_bytes: int = 4 << 30  # converted (pinned) copies kept on the host
     adapter_load_threads: int = 8  # cold misses load in parallel (store read, sha256, checks)

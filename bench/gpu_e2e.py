@@ -31,10 +31,8 @@ import multiprocessing as mp
 import os
 import random
 import shutil
-import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -327,33 +325,6 @@ class Counter:
         await self.c.stop()
 
 
-def stop_worker(proc: subprocess.Popen | None) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(90)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-
-
-def start_worker(env: dict, log_path: Path, port: int, timeout: float = 600) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "workers.cli", "worker"], env=env, stdout=open(log_path, "a"),
-                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, cwd=ROOT)
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"worker exited {proc.returncode}: {log_path.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
-                if r.status == 200:
-                    return proc
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit(f"worker not ready: {log_path.read_text()[-3000:]}")
-
-
 async def wait_replies(counter: Counter, base: int, n: int, timeout: float, marks=(0.2, 0.95)) -> dict:
     """Poll the reply count until n more replies exist; times at which each mark was passed."""
     t_mark: dict[float, float] = {}
@@ -377,24 +348,24 @@ async def wait_replies(counter: Counter, base: int, n: int, timeout: float, mark
 
 
 def kafka_rows(args, model_dir: Path, store_dir: Path, tenants: list[str], db_url: str, bootstrap: str) -> dict:
+    from tests.serving_harness import Topics, WorkerProcess
     from workers.kafka_admin import ensure_topics
     tag = f"ge{int(time.time())}"
     req, rep, dlq = f"bench.req.{tag}", f"bench.rep.{tag}", f"bench.dlq.{tag}"
     asyncio.run(ensure_topics(bootstrap, {req: (args.partitions, {}), rep: (args.partitions, {}), dlq: (1, {})}))
-    port = 19480
-    env = {**os.environ, "FLOCK_REQUESTS_TOPIC": req, "FLOCK_REPLIES_TOPIC": rep, "FLOCK_DLQ_TOPIC": dlq,
-           "FLOCK_REQUEST_PARTITIONS": str(args.partitions), "FLOCK_CONSUMER_GROUP": f"grp-{tag}",
-           "FLOCK_DATABASE_URL": db_url, "FLOCK_KAFKA_BOOTSTRAP": bootstrap, "FLOCK_HTTP_PORT": str(port),
-           "FLOCK_WORKER_ID": f"bench-{tag}", "FLOCK_DEFAULT_BASE_MODEL": str(model_dir),
-           "FLOCK_STORE_BACKEND": "filesystem", "FLOCK_STORE_DIR": str(store_dir),
-           "FLOCK_BATCH_MAX_TOKENS": str(args.max_tokens), "FLOCK_BATCH_MAX_SEQS": str(args.max_seqs),
-           "FLOCK_BATCH_MAX_TENANTS": str(args.max_seqs), "FLOCK_MAX_SEQ_LEN": "128", "FLOCK_TRUNCATE": "1",
-           "FLOCK_ADAPTER_SLOTS": str(pool_slots(len(tenants))), "FLOCK_ADAPTER_LOAD_THREADS": "16",
-           "FLOCK_PARTITION_HIGH_WATER": str(args.high_water), "FLOCK_PARTITION_LOW_WATER": str(args.high_water // 4)}
+    # The worker as the tests run it (tests/serving_harness.WorkerProcess), with this bench's settings.
+    extra = {"FLOCK_KAFKA_BOOTSTRAP": bootstrap, "FLOCK_DEVICE": os.environ.get("FLOCK_DEVICE", "auto"),
+             "FLOCK_DEFAULT_BASE_MODEL": str(model_dir),
+             "FLOCK_STORE_BACKEND": "filesystem", "FLOCK_STORE_DIR": str(store_dir),
+             "FLOCK_BATCH_MAX_TOKENS": str(args.max_tokens), "FLOCK_BATCH_MAX_SEQS": str(args.max_seqs),
+             "FLOCK_BATCH_MAX_TENANTS": str(args.max_seqs), "FLOCK_MAX_SEQ_LEN": "128", "FLOCK_TRUNCATE": "1",
+             "FLOCK_ADAPTER_SLOTS": str(pool_slots(len(tenants))), "FLOCK_ADAPTER_LOAD_THREADS": "16",
+             "FLOCK_COMMIT_INTERVAL_MS": "200", "FLOCK_PARTITION_HIGH_WATER": str(args.high_water),
+             "FLOCK_PARTITION_LOW_WATER": str(args.high_water // 4)}
     if args.edges is not None:
-        env["FLOCK_EDGES"] = str(args.edges)
-    log_path = Path(args.work) / f"worker-{tag}.log"
-    out: dict = {"partitions": args.partitions, "worker_log": str(log_path)}
+        extra["FLOCK_EDGES"] = str(args.edges)
+    worker = WorkerProcess(db_url, Topics(req, rep, dlq, args.partitions), tag, **extra)
+    out: dict = {"partitions": args.partitions, "worker_log": str(worker.log_path)}
 
     # The backlog goes in before the worker starts, so producers never limit the measured rate.
     # Adapters load on first use; by 20 % of a uniform-tenant backlog every tenant has been seen
@@ -415,16 +386,15 @@ def kafka_rows(args, model_dir: Path, store_dir: Path, tenants: list[str], db_ur
     async def drain(base: int) -> dict:
         async with Counter(bootstrap, rep) as counter:
             return await wait_replies(counter, base, len(backlog), 300)
-    worker = None
     try:
         base = asyncio.run(count_now())
         t_start = time.time()
-        worker = start_worker(env, log_path, port)
+        worker.start(timeout=600)
         log(f"worker ready in {time.time() - t_start:.0f} s")
         sat = asyncio.run(drain(base))
         log(f"full system: {sat['rate']:.0f} replies/s (drain {sat['drain_s']:.1f} s)")
         out["saturated"] = sat
-        out["worker_metrics"] = scrape(port)
+        out["worker_metrics"] = scrape(worker)
         # Open loop at 70 % of the saturated rate.
         rate = args.open_fraction * sat["rate"]
         n = int(rate * args.open_seconds)
@@ -451,16 +421,14 @@ def kafka_rows(args, model_dir: Path, store_dir: Path, tenants: list[str], db_ur
                             "p50_ms": pct(50), "p90_ms": pct(90), "p99_ms": pct(99), "max_ms": lats[-1] if lats else None}
         log(f"open loop: {len(lats)}/{n} replied, p50 {pct(50):.1f} ms, p99 {pct(99):.1f} ms")
     finally:
-        stop_worker(worker)
+        worker.terminate(timeout=90)
     return out
 
 
-def scrape(port: int) -> dict:
+def scrape(worker) -> dict:
     """A few gauges/counters of the worker group, for where-the-time-goes notes."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-            body = r.read().decode()
-    except OSError:
+    status, body = worker.get("/metrics")
+    if status != 200:
         return {}
     keep = {}
     for line in body.splitlines():

@@ -27,7 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from workers.adapters.layout import BaseDims  # noqa: E402
+from schema.layout import BaseDims  # noqa: E402
 from workers.engine import heads  # noqa: E402
 from workers.engine.plan import build_plan  # noqa: E402
 from workers.engine.pool import PoolConfig, Resident  # noqa: E402

@@ -19,7 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from workers.adapters.layout import PET_TYPES, BaseDims  # noqa: E402
+from schema.layout import PET_TYPES, BaseDims  # noqa: E402
 from workers.engine.kernels import triton_available  # noqa: E402
 from workers.engine.plan import Segments, _pad_index, _tiles  # noqa: E402
 from workers.engine.pets import segmented  # noqa: E402

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from workers.adapters.layout import BaseDims, expected_tensors, optional_tensors
+from schema.layout import BaseDims, expected_tensors, optional_tensors
 
 TOPICS = ("business", "entertainment", "politics", "sport", "tech")
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from workers.adapters.layout import BaseDims, expected_tensors
+from schema.layout import BaseDims, expected_tensors
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 

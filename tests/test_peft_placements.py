@@ -228,7 +228,7 @@ def _serve_interpret(tmp_path, base_dir, deltas, batch):
                                   pytest.param("distilbert", marks=pytest.mark.slow)])
 def test_peft_placements_served_equal_peft(base, cli, sessions, unique, tmp_path, minilm_dir, tiny_bases):
     from tests.engine.conftest import random_delta
-    from workers.adapters.layout import BaseDims
+    from schema.layout import BaseDims
     from workers.adapters.store import AdapterStore, make_backend
     from workers.engine.runtime import Engine
     from workers.serving.adapter_source import StoreLoader

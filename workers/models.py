@@ -12,7 +12,7 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
-from workers.adapters.layout import BaseDims
+from schema.layout import BaseDims
 
 # model id -> (python package, sub-directory holding config.json + model.safetensors)
 BUNDLED = {

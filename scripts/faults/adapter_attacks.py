@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from sqlalchemy import create_engine, func, select
 
 from schema.tables import Adapter, AdapterBlob
-from workers.adapters.layout import expected_tensors
+from schema.layout import expected_tensors
 from workers.config import sync_database_url
 from workers.models import base_dims
 

@@ -14,7 +14,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(2)
 
-from workers.adapters.layout import ADAPTER_PLACEMENTS, LINEAR_SITES, BaseDims, lora_scale  # noqa: E402
+from schema.layout import ADAPTER_PLACEMENTS, LINEAR_SITES, BaseDims, lora_scale  # noqa: E402
 from workers.engine.batch import PackedBatch, TenantDelta  # noqa: E402
 
 HF_SITE = {"q": "attention.self.query", "k": "attention.self.key", "v": "attention.self.value",

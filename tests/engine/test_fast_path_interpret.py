@@ -18,7 +18,7 @@ CHILD = r'''
 import pickle, sys
 import numpy as np, torch
 torch.set_num_threads(1)
-from workers.adapters.layout import BaseDims
+from schema.layout import BaseDims
 from workers.engine.pool import PoolConfig
 from workers.engine.runtime import Engine
 from workers.engine.synthetic import random_delta, random_packed, save_random_bert

@@ -4,7 +4,7 @@ single-tenant reference (plain transformers model with merged weights / hooks), 
 import numpy as np
 import pytest
 
-from workers.adapters.layout import PET_TYPES
+from schema.layout import PET_TYPES
 from workers.engine.pool import PoolConfig
 from workers.engine.runtime import Engine
 

@@ -6,7 +6,7 @@ PEFT layout: ``adapter_config.json`` + ``adapter_model.safetensors`` (a pickled
 sequence classification on RoBERTa (``classifier.dense`` + tanh + ``classifier.out_proj``) and
 DistilBERT (``pre_classifier`` + ReLU + ``classifier``), which import as config ``head: {"layers":
 2, "activation"}`` with ``head.dense.*`` tensors. Native layout: ``flock_adapter.json`` ({"pet_type",
-"config"}) + ``adapter.safetensors`` with tensors already named as in ``layout.py``.
+"config"}) + ``adapter.safetensors`` with tensors already named as in ``schema/layout.py``.
 """
 
 from __future__ import annotations

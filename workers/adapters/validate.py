@@ -12,7 +12,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
-from workers.adapters.layout import BaseDims, LayoutError, expected_tensors, optional_tensors
+from schema.layout import BaseDims, LayoutError, expected_tensors, optional_tensors
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INT_DTYPES = (torch.int32, torch.int64)

@@ -15,7 +15,7 @@ from workers.engine.errors import BatchError, EngineError
 class TenantDelta:
     """What the store's ``load_delta(tenant_id)`` returns: one tenant's PET delta + task head.
 
-    ``tensors`` uses the names of workers.adapters.layout (``layers.{i}.{site}.{param}``, ``head.*``).
+    ``tensors`` uses the names of schema.layout (``layers.{i}.{site}.{param}``, ``head.*``).
     """
 
     tenant_id: str

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from workers.adapters.layout import BaseDims
+from schema.layout import BaseDims
 from workers.engine import heads
 from workers.engine.bank import BankLayout
 from workers.engine.batch import TenantDelta

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from workers.adapters.layout import BaseDims, head_kind
+from schema.layout import BaseDims, head_kind
 from workers.engine.bank import BankLayout, SlotSpec
 from workers.engine.batch import TenantDelta
 from workers.engine.pets import pooler as pooler_pets

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from safetensors.torch import load_file
 
-from workers.adapters.layout import BaseDims
+from schema.layout import BaseDims
 from workers.engine.errors import ModelLoadError
 
 ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",

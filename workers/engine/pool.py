@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from workers.adapters.layout import BaseDims
+from schema.layout import BaseDims
 from workers.engine.bank import SlotBank
 from workers.engine.batch import TenantDelta
 from workers.engine.convert import HostDelta, to_host

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from workers.adapters.layout import LINEAR_SITES, BaseDims
+from schema.layout import LINEAR_SITES, BaseDims
 from workers.engine import heads
 from workers.engine.pets import adapter, bitfit, ia3, lora
 

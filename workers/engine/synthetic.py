@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from workers.adapters.layout import ADAPTER_PLACEMENTS, LINEAR_SITES, BaseDims
+from schema.layout import ADAPTER_PLACEMENTS, LINEAR_SITES, BaseDims
 from workers.engine.batch import PackedBatch, TenantDelta
 
 

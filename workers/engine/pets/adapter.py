@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from workers.adapters.layout import ADAPTER_PLACEMENTS, BaseDims
+from schema.layout import ADAPTER_PLACEMENTS, BaseDims
 from workers.engine.bank import BankLayout, SlotSpec
 from workers.engine.batch import TenantDelta
 from workers.engine.pets import segmented

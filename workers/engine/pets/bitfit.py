@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from workers.adapters.layout import LAYERNORM_SITES, LINEAR_SITES, BaseDims
+from schema.layout import LAYERNORM_SITES, LINEAR_SITES, BaseDims
 from workers.engine.bank import BankLayout, SlotSpec
 from workers.engine.batch import TenantDelta
 from workers.engine.pets import segmented

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from workers.adapters.layout import BaseDims, LayoutError, cells, expected_tensors, optional_tensors
+from schema.layout import BaseDims, LayoutError, cells, expected_tensors, optional_tensors
 from workers.engine.batch import TenantDelta
 from workers.engine.errors import AdapterLoadError
 

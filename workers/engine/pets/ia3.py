@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from workers.adapters.layout import POOLER, BaseDims, ia3_entry, ia3_tensor
+from schema.layout import POOLER, BaseDims, ia3_entry, ia3_tensor
 from workers.engine.bank import BankLayout, SlotSpec
 from workers.engine.batch import TenantDelta
 from workers.engine.pets import segmented

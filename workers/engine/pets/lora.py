@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from workers.adapters.layout import LINEAR_SITES, POOLER, BaseDims, lora_scale
+from schema.layout import LINEAR_SITES, POOLER, BaseDims, lora_scale
 from workers.engine.bank import BankLayout, SlotSpec
 from workers.engine.batch import TenantDelta
 from workers.engine.pets import segmented

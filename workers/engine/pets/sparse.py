@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from workers.adapters.layout import BaseDims
+from schema.layout import BaseDims
 from workers.engine.batch import TenantDelta
 from workers.engine.errors import AdapterLoadError
 from workers.engine.pets.common import GROUPS, SITE_GROUP, group_out, layers_of, site_col

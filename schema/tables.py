@@ -25,6 +25,7 @@ NAMING = {"ix": "ix_%(column_0_label)s", "uq": "uq_%(table_name)s_%(column_0_nam
 ADAPTER_STATES = ("ready", "retired")
 WORKER_STATES = ("starting", "serving", "draining", "stopped", "dead")
 LEASE_STATES = ("active", "releasing", "released")
+JOB_STATES = ("queued", "running", "succeeded", "failed")
 
 
 def _in(col: str, values: tuple[str, ...]) -> str:
@@ -136,3 +137,37 @@ class AuditEvent(Base):
     subject: Mapped[str] = mapped_column(String(255))
     detail: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default="{}")
     note: Mapped[str | None] = mapped_column(Text)
+
+
+class TrainingJob(Base):
+    """One training job from the ``flock.train`` topic and its outcome (``flockserve job list``).
+
+    No foreign key to ``tenants``: a job naming an unknown tenant is still recorded, as failed.
+    """
+
+    __tablename__ = "training_jobs"
+    job_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(63))
+    state: Mapped[str] = mapped_column(String(16), server_default="queued")
+    pet_type: Mapped[str] = mapped_column(String(16))
+    spec: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default="{}")  # config + options, no data
+    data_source: Mapped[str] = mapped_column(Text)  # "inline:<rows>" or the URI
+    reply_to: Mapped[str | None] = mapped_column(String(249))
+    # Times a trainer picked the job up; a redelivery past FLOCK_TRAIN_MAX_ATTEMPTS fails it.
+    attempts: Mapped[int] = mapped_column(Integer, server_default="0")
+    trainer_id: Mapped[str | None] = mapped_column(String(128))
+    device: Mapped[str | None] = mapped_column(String(64))
+    progress: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default="{}")
+    metrics: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    adapter_version: Mapped[int | None] = mapped_column(Integer)
+    reason: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    __table_args__ = (
+        CheckConstraint(_in("state", JOB_STATES), name="state"),
+        CheckConstraint("attempts >= 0", name="attempts_nonnegative"),
+        Index("ix_training_jobs_tenant_id", "tenant_id"),
+        Index("ix_training_jobs_state", "state"),
+    )

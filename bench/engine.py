@@ -172,7 +172,7 @@ class Bench:
                 def step():
                     p = plans[next(it) % len(plans)]
                     hidden = enc.forward(p)
-                    pooled = heads.pool(hidden, p, enc.base.pooler_w, enc.base.pooler_b)
+                    pooled = heads.pool_hidden(hidden, p, enc.base.pooler_w, enc.base.pooler_b)
                     for hg in p.heads:
                         if hg.seq_order:
                             heads.seq_logits(hg, pooled)

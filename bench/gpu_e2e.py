@@ -226,7 +226,7 @@ def engine_forward_seconds(engine, batches) -> float:
         def one_pass():
             for plan, _ in plans:
                 hidden = enc.forward(plan)
-                pooled = heads.pool(hidden, plan, enc.base.pooler_w, enc.base.pooler_b)
+                pooled = heads.pool_hidden(hidden, plan, enc.base.pooler_w, enc.base.pooler_b)
                 for hg in plan.heads:
                     if hg.seq_order:
                         heads.seq_logits(hg, pooled)

@@ -120,7 +120,7 @@ def _count_ops(eng, batch):
                       torch.device("cpu"), False)
     with torch.inference_mode(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         hidden = eng.encoder.forward(plan)
-        pooled = heads.pool(hidden, plan, eng.encoder.base.pooler_w, eng.encoder.base.pooler_b)
+        pooled = heads.pool_hidden(hidden, plan, eng.encoder.base.pooler_w, eng.encoder.base.pooler_b)
         for hg in plan.heads:
             if hg.seq_order:
                 heads.seq_logits(hg, pooled)

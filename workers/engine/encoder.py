@@ -45,8 +45,9 @@ class Encoder:
             x = x + (b.type_emb.index_select(0, tt) if tt is not None else b.type_emb[0])
         return F.layer_norm(x, (x.shape[-1],), b.emb_ln_w, b.emb_ln_b, b.eps)
 
-    def _gemm(self, plan, i: int, group: str, lw, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """y = x w^T + b plus every PET group's delta for this site group."""
+    def _gemm(self, plan, i: int, group: str, lw, x: torch.Tensor) -> torch.Tensor:
+        """y = x w^T + b (the layer's shared GEMM for this site group) plus every PET group's delta."""
+        w, b = lw.params(group)
         lg = [g for g in plan.groups if g.pet_type == "lora" and g.bank.get(f"A.{group}") is not None] \
             if self.lora_into_gemm else []
         if not lg or not lora.can_init(lg, group):
@@ -100,12 +101,12 @@ class Encoder:
         bf = [g for g in plan.groups if g.pet_type == "bitfit"]
         if self.fast_gelu and not touched:
             if not bf:
-                return torch._addmm_activation(lw.bi, x, lw.wi.t(), use_gelu=True)
+                return torch._addmm_activation(lw.ffn_in_b, x, lw.ffn_in_w.t(), use_gelu=True)
             if len(bf) == 1:  # BitFit ffn_in bias deltas + GELU in one row-wise pass
-                f = torch.addmm(lw.bi, x, lw.wi.t())
+                f = torch.addmm(lw.ffn_in_b, x, lw.ffn_in_w.t())
                 bitfit.apply_bias(bf[0], i, "ffn_in", f, act="gelu_tanh")
                 return f
-        f = self._gemm(plan, i, "ffn_in", lw, x, lw.wi, lw.bi)
+        f = self._gemm(plan, i, "ffn_in", lw, x)
         if pre:
             self._ia3(plan, i, "scale.ffn_pre", f)
         return self.act(f)
@@ -139,20 +140,20 @@ class Encoder:
         x = self.embed(plan)
         for i, lw in enumerate(self.base.layers):
             plan.wait_layer(i)
-            qkv = self._gemm(plan, i, "qkv", lw, x, lw.wqkv, lw.bqkv)
+            qkv = self._gemm(plan, i, "qkv", lw, x)
             self._ia3_qkv_in(plan, i, x, qkv, lw)
             self._ia3(plan, i, "qkv", qkv)
             ctx = packed_attention(qkv, plan, heads)
             self._ia3(plan, i, "in.attn_out", ctx)
-            o = self._gemm(plan, i, "attn_out", lw, ctx, lw.wo, lw.bo)
+            o = self._gemm(plan, i, "attn_out", lw, ctx)
             self._ia3(plan, i, "scale.attn_out", o)
             self._adapters(plan, i, "attn", o)
-            x = self._add_layer_norm(plan, i, "attn_ln", x, o, lw.ln1_w, lw.ln1_b)
+            x = self._add_layer_norm(plan, i, "attn_ln", x, o, *lw.params("attn_ln"))
             f = self._ffn_in(plan, i, lw, x)
             self._ia3(plan, i, "ffn_act", f)
-            o2 = self._gemm(plan, i, "ffn_out", lw, f, lw.wo2, lw.bo2)
+            o2 = self._gemm(plan, i, "ffn_out", lw, f)
             self._ia3(plan, i, "scale.ffn_out", o2)
             self._adapters(plan, i, "ffn", o2)
-            x = self._add_layer_norm(plan, i, "ffn_ln", x, o2, lw.ln2_w, lw.ln2_b)
+            x = self._add_layer_norm(plan, i, "ffn_ln", x, o2, *lw.params("ffn_ln"))
         plan.wait_layer(len(self.base.layers))  # heads
         return x

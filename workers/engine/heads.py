@@ -46,7 +46,7 @@ def slot_tensors(delta: TenantDelta, t: dict[str, torch.Tensor], dims: BaseDims,
     return out
 
 
-def pool(hidden: torch.Tensor, plan, pooler_w, pooler_b) -> torch.Tensor:
+def pool_hidden(hidden: torch.Tensor, plan, pooler_w, pooler_b) -> torch.Tensor:
     """[B, h] pooled vector of each sorted sequence, following its tenant's pooling."""
     pooled = hidden.index_select(0, plan.cls_rows)
     if plan.mean_rows.numel():
@@ -125,7 +125,7 @@ def compact_results(plan, hidden: torch.Tensor, pooler_w, pooler_b):
     buf = torch.zeros(B * ws + Tt * wt, device=hidden.device, dtype=torch.float32)
     if seq_groups:
         seq_blk = buf[:B * ws].view(B, ws)
-        pooled = pool(hidden, plan, pooler_w, pooler_b)
+        pooled = pool_hidden(hidden, plan, pooler_w, pooler_b)
         for hg in seq_groups:
             logits, probs = seq_logits(hg, pooled)
             n, cb = probs.shape

@@ -22,27 +22,34 @@ ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "ge
 
 @dataclass
 class LayerWeights:
-    wqkv: torch.Tensor  # (3h, h) = [q; k; v]
-    bqkv: torch.Tensor
-    wo: torch.Tensor
-    bo: torch.Tensor
-    ln1_w: torch.Tensor
-    ln1_b: torch.Tensor
-    wi: torch.Tensor
-    bi: torch.Tensor
-    wo2: torch.Tensor
-    bo2: torch.Tensor
-    ln2_w: torch.Tensor
-    ln2_b: torch.Tensor
+    """One encoder layer, named by the sites every PET uses (schema/layout.py): the shared GEMM
+    groups ``qkv`` (q, k, v fused), ``attn_out``, ``ffn_in``, ``ffn_out`` and the LayerNorms
+    ``attn_ln``, ``ffn_ln``."""
+
+    qkv_w: torch.Tensor  # (3h, h) = [q; k; v]
+    qkv_b: torch.Tensor
+    attn_out_w: torch.Tensor
+    attn_out_b: torch.Tensor
+    attn_ln_w: torch.Tensor
+    attn_ln_b: torch.Tensor
+    ffn_in_w: torch.Tensor
+    ffn_in_b: torch.Tensor
+    ffn_out_w: torch.Tensor
+    ffn_out_b: torch.Tensor
+    ffn_ln_w: torch.Tensor
+    ffn_ln_b: torch.Tensor
+
+    def params(self, site: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight, bias) of a shared GEMM group (qkv, attn_out, ffn_in, ffn_out) or LayerNorm site."""
+        return getattr(self, f"{site}_w"), getattr(self, f"{site}_b")
 
     def site_weight(self, site: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(weight, bias) of one linear site; q/k/v are views into the fused QKV."""
-        h = self.wo.shape[0]
         if site in ("q", "k", "v"):
+            h = self.attn_out_w.shape[0]
             j = "qkv".index(site)
-            return self.wqkv[j * h:(j + 1) * h], self.bqkv[j * h:(j + 1) * h]
-        return {"attn_out": (self.wo, self.bo), "ffn_in": (self.wi, self.bi),
-                "ffn_out": (self.wo2, self.bo2)}[site]
+            return self.qkv_w[j * h:(j + 1) * h], self.qkv_b[j * h:(j + 1) * h]
+        return self.params(site)
 
 
 @dataclass
@@ -138,13 +145,14 @@ def load_base(model_dir: str) -> BaseWeights:
         ln1 = _ln(state, p + "attention.output.LayerNorm")
         ln2 = _ln(state, p + "output.LayerNorm")
         layers.append(LayerWeights(
-            wqkv=torch.cat([w["query"][0], w["key"][0], w["value"][0]]),
-            bqkv=torch.cat([w["query"][1], w["key"][1], w["value"][1]]),
-            wo=_get(state, p + "attention.output.dense.weight"), bo=_get(state, p + "attention.output.dense.bias"),
-            ln1_w=ln1[0], ln1_b=ln1[1],
-            wi=_get(state, p + "intermediate.dense.weight"), bi=_get(state, p + "intermediate.dense.bias"),
-            wo2=_get(state, p + "output.dense.weight"), bo2=_get(state, p + "output.dense.bias"),
-            ln2_w=ln2[0], ln2_b=ln2[1]))
+            qkv_w=torch.cat([w["query"][0], w["key"][0], w["value"][0]]),
+            qkv_b=torch.cat([w["query"][1], w["key"][1], w["value"][1]]),
+            attn_out_w=_get(state, p + "attention.output.dense.weight"),
+            attn_out_b=_get(state, p + "attention.output.dense.bias"),
+            attn_ln_w=ln1[0], attn_ln_b=ln1[1],
+            ffn_in_w=_get(state, p + "intermediate.dense.weight"), ffn_in_b=_get(state, p + "intermediate.dense.bias"),
+            ffn_out_w=_get(state, p + "output.dense.weight"), ffn_out_b=_get(state, p + "output.dense.bias"),
+            ffn_ln_w=ln2[0], ffn_ln_b=ln2[1]))
     eln = _ln(state, "embeddings.LayerNorm")
     pad = int(cfg.get("pad_token_id", 0) or 0)
     roberta_like = mt in ("roberta", "xlm-roberta", "camembert")
@@ -169,12 +177,12 @@ def _load_distilbert(cfg, state, dims) -> BaseWeights:
         bq, bk, bv = (_get(state, p + f"attention.{n}_lin.bias") for n in "qkv")
         ln1, ln2 = _ln(state, p + "sa_layer_norm"), _ln(state, p + "output_layer_norm")
         layers.append(LayerWeights(
-            wqkv=torch.cat([q, k, v]), bqkv=torch.cat([bq, bk, bv]),
-            wo=_get(state, p + "attention.out_lin.weight"), bo=_get(state, p + "attention.out_lin.bias"),
-            ln1_w=ln1[0], ln1_b=ln1[1],
-            wi=_get(state, p + "ffn.lin1.weight"), bi=_get(state, p + "ffn.lin1.bias"),
-            wo2=_get(state, p + "ffn.lin2.weight"), bo2=_get(state, p + "ffn.lin2.bias"),
-            ln2_w=ln2[0], ln2_b=ln2[1]))
+            qkv_w=torch.cat([q, k, v]), qkv_b=torch.cat([bq, bk, bv]),
+            attn_out_w=_get(state, p + "attention.out_lin.weight"), attn_out_b=_get(state, p + "attention.out_lin.bias"),
+            attn_ln_w=ln1[0], attn_ln_b=ln1[1],
+            ffn_in_w=_get(state, p + "ffn.lin1.weight"), ffn_in_b=_get(state, p + "ffn.lin1.bias"),
+            ffn_out_w=_get(state, p + "ffn.lin2.weight"), ffn_out_b=_get(state, p + "ffn.lin2.bias"),
+            ffn_ln_w=ln2[0], ffn_ln_b=ln2[1]))
     eln = _ln(state, "embeddings.LayerNorm")
     return BaseWeights(
         model_type="distilbert", dims=dims, eps=1e-12, activation=ACTIVATIONS[act], position_offset=0,

@@ -45,7 +45,7 @@ def bank_layout(cfg: dict, dims: BaseDims) -> BankLayout:
         specs[f"A.{g}"] = SlotSpec((L, len(ms) * rb, group_in(g, dims)))
         specs[f"B.{g}"] = SlotSpec((L, len(ms), out_f, rb))
         members[g] = [site_col(s, dims) for s in ms]
-    if POOLER in sites:  # the pooler dense (one per model, not per layer): applied in heads.pool
+    if POOLER in sites:  # the pooler dense (one per model, not per layer): applied in heads.pool_hidden
         specs["A.pooler"] = SlotSpec((rb, dims.hidden), per_layer=False)
         specs["B.pooler"] = SlotSpec((dims.hidden, rb), per_layer=False)
     return BankLayout(f"lora:r{rb}:{','.join(sites)}", "lora", specs, {"rank": rb, "cols": members})

@@ -31,6 +31,7 @@ class BlobBackend(Protocol):
     name: str
 
     def put(self, session: Session, sha256: str, data: bytes) -> None: ...
+    def put_many(self, session: Session, blobs: dict[str, bytes]) -> None: ...
     def get(self, session: Session, sha256: str) -> bytes: ...
     def delete(self, session: Session, sha256: str) -> None: ...
 
@@ -44,6 +45,13 @@ class PostgresBlobs:
     def put(self, session: Session, sha256: str, data: bytes) -> None:
         session.execute(insert(AdapterBlob).values(sha256=sha256, size_bytes=len(data), data=data)
                         .on_conflict_do_nothing(index_elements=["sha256"]))
+
+    def put_many(self, session: Session, blobs: dict[str, bytes]) -> None:
+        """One statement for a bulk import's batch (one round trip instead of one per blob)."""
+        if blobs:
+            session.execute(insert(AdapterBlob).values([{"sha256": k, "size_bytes": len(v), "data": v}
+                                                        for k, v in blobs.items()])
+                            .on_conflict_do_nothing(index_elements=["sha256"]))
 
     def get(self, session: Session, sha256: str) -> bytes:
         data = session.scalar(select(AdapterBlob.data).where(AdapterBlob.sha256 == sha256))
@@ -83,6 +91,10 @@ class FilesystemBlobs:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+    def put_many(self, session: Session, blobs: dict[str, bytes]) -> None:
+        for sha, data in blobs.items():
+            self.put(session, sha, data)
 
     def get(self, session: Session, sha256: str) -> bytes:
         try:

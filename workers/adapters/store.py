@@ -64,6 +64,22 @@ class StoredDelta:
     tensors: dict[str, torch.Tensor]
 
 
+@dataclass(frozen=True)
+class PreparedDelta:
+    """A validated delta ready to be written: what `AdapterStore.prepare` returns."""
+
+    pet_type: str
+    config: dict[str, Any]
+    base_model_id: str
+    data: bytes
+    sha256: str
+
+    def row(self, tenant_id: str, version: int, storage: str) -> Adapter:
+        return Adapter(tenant_id=tenant_id, version=version, pet_type=self.pet_type, config=self.config,
+                       base_model_id=self.base_model_id, sha256=self.sha256, size_bytes=len(self.data),
+                       storage=storage, status="ready")
+
+
 def make_backend(kind: str, store_dir: Path) -> BlobBackend:
     return FilesystemBlobs(store_dir) if kind == "filesystem" else PostgresBlobs()
 
@@ -86,6 +102,26 @@ class AdapterStore:
     def import_tensors(self, tenant_id: str, pet_type: str, config: Mapping[str, Any],
                        tensors: Mapping[str, torch.Tensor], base_model_id: str, *,
                        activate: bool = True) -> AdapterRecord:
+        prepared = self.prepare(pet_type, config, tensors, base_model_id)
+        with self.sessions.begin() as s:
+            tenant = s.get(Tenant, tenant_id, with_for_update=True)  # serialises version numbering
+            if tenant is None:
+                raise TenantNotFound(f"tenant {tenant_id!r} does not exist")
+            version = (s.scalar(select(func.max(Adapter.version)).where(Adapter.tenant_id == tenant_id)) or 0) + 1
+            self.backend.put(s, prepared.sha256, prepared.data)
+            row = prepared.row(tenant_id, version, self.backend.name)
+            s.add(row)
+            if activate:
+                tenant.active_version = version
+                tenant.updated_at = func.now()
+            s.flush()
+            s.refresh(row)
+            return AdapterRecord.of(row)
+
+    def prepare(self, pet_type: str, config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor],
+                base_model_id: str) -> "PreparedDelta":
+        """Everything an import checks and computes before touching the database: layout
+        validation against the base model, the safetensors bytes, their size limit and sha256."""
         try:
             dims = base_dims(base_model_id, self.models_dir)
         except ModelNotFound as exc:
@@ -94,23 +130,7 @@ class AdapterStore:
         data = save_safetensors({k: v.detach().contiguous().cpu() for k, v in sorted(tensors.items())})
         if len(data) > self.max_bytes:
             raise AdapterRejected(f"adapter of {len(data)} bytes exceeds the limit of {self.max_bytes}")
-        sha = sha256_hex(data)
-        with self.sessions.begin() as s:
-            tenant = s.get(Tenant, tenant_id, with_for_update=True)  # serialises version numbering
-            if tenant is None:
-                raise TenantNotFound(f"tenant {tenant_id!r} does not exist")
-            version = (s.scalar(select(func.max(Adapter.version)).where(Adapter.tenant_id == tenant_id)) or 0) + 1
-            self.backend.put(s, sha, data)
-            row = Adapter(tenant_id=tenant_id, version=version, pet_type=pet_type, config=dict(config),
-                          base_model_id=base_model_id, sha256=sha, size_bytes=len(data),
-                          storage=self.backend.name, status="ready")
-            s.add(row)
-            if activate:
-                tenant.active_version = version
-                tenant.updated_at = func.now()
-            s.flush()
-            s.refresh(row)
-            return AdapterRecord.of(row)
+        return PreparedDelta(pet_type, dict(config), base_model_id, data, sha256_hex(data))
 
     # ------------------------------------------------------------ read
     def record(self, tenant_id: str, version: int | None = None) -> AdapterRecord:

@@ -65,7 +65,7 @@ def start_workers(db: str, topics, tag: str, n: int, extra: list[dict]) -> list[
         ws.append(w)
     for i, w in enumerate(ws):
         log = open(w.log_path, "a")
-        w.proc = subprocess.Popen([sys.executable, "-m", "workers.cli", "worker"], env=w.env, stdout=log,
+        w.proc = subprocess.Popen([sys.executable, "-m", "workers.cli", "worker", "run"], env=w.env, stdout=log,
                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     # Ready = consuming (the log says so); no HTTP port so that many can run side by side.
     deadline = time.time() + 300

@@ -1,4 +1,4 @@
-"""CPU cost of the host path: the real `flockserve worker` on the real services, near-zero engine.
+"""CPU cost of the host path: the real `flockserve worker run` on the real services, near-zero engine.
 
     .venv/bin/python bench/dataplane.py [--requests 20000] [--edges 1 2] [--partitions 8] [--json]
 
@@ -8,7 +8,7 @@ LoRA tenants for it through the adapter store, and for each value of --edges:
 
   1. creates fresh topics and produces the whole backlog (warm-up requests touching every tenant
      first, then ``--requests`` short texts of 8-64 tokens) BEFORE the worker starts;
-  2. starts `flockserve worker` (FLOCK_EDGES=<n>; FLOCK_DEVICE=cpu);
+  2. starts `flockserve worker run` (FLOCK_EDGES=<n>; FLOCK_DEVICE=cpu);
   3. measures from its readiness (start-up left out; the one-time adapter loads of the tenants
      are in) until every request is answered: requests/s, and the CPU of all the
      worker's processes (its process group, from /proc: utime+stime, reaped children included)

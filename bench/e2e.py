@@ -6,7 +6,7 @@ Needs the local services (scripts/services up) and a migrated database. Creates 
 (prefix bench-<ts>) and topics, then measures on this machine (CPU unless FLOCK_DEVICE says
 otherwise):
   1. engine only: tokenise + pack + Engine.run in-process, batches as the worker forms them;
-  2. end to end, saturated: all requests produced at once, a `flockserve worker` process
+  2. end to end, saturated: all requests produced at once, a `flockserve worker run` process
      answers; throughput = requests / (first send -> last reply);
   3. end to end, latency: open-loop at 60 % of the engine-only rate; p50/p99 per request.
 Prints a table and writes bench_out/e2e.json (or $OUT/e2e.json).

@@ -13,7 +13,7 @@ reused by later runs), request topics, the request mix (lengths 8-128 tokens, un
 Rows, all with the same tenants, request mix and batch shape:
   forward pass    plans built beforehand; only the GPU forward + heads are timed
   Engine.submit   tokenised batches in, outputs out (plan, H2D, forward, heads, D2H, outputs)
-  full system     a backlog already in Kafka; a `flockserve worker` (engine process + edges)
+  full system     a backlog already in Kafka; a `flockserve worker run` (engine process + edges)
                   drains it; rate = replies between 20 % and 95 % of the backlog / time
   open loop       producers at 70 % of the full-system rate for --open-seconds; latency per
                   request = reply seen by the load generator - request produced (same host clock)

@@ -107,7 +107,7 @@ def start_worker(log_path: Path) -> subprocess.Popen:
     env = {**os.environ, "FLOCK_HTTP_PORT": str(HTTP_PORT), "FLOCK_DEVICE": os.environ.get("FLOCK_DEVICE", "auto"),
            "FLOCK_WORKER_ID": "demo-worker-1"}
     log = open(log_path, "w")
-    proc = subprocess.Popen([sys.executable, "-m", "workers.cli", "worker"], env=env, stdout=log,
+    proc = subprocess.Popen([sys.executable, "-m", "workers.cli", "worker", "run"], env=env, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 180
     while time.time() < deadline:

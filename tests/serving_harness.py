@@ -77,7 +77,7 @@ def free_port() -> int:
 
 
 class WorkerProcess:
-    """`flockserve worker` as a real subprocess."""
+    """`flockserve worker run` as a real subprocess."""
 
     def __init__(self, database_url: str, topics: Topics, tag: str, **extra: str):
         self.port = free_port()
@@ -91,7 +91,7 @@ class WorkerProcess:
 
     def start(self, timeout: float = 180, poll_s: float = 0.3) -> "WorkerProcess":
         log = open(self.log_path, "a")
-        self.proc = subprocess.Popen([sys.executable, "-m", "workers.cli", "worker"], env=self.env, stdout=log,
+        self.proc = subprocess.Popen([sys.executable, "-m", "workers.cli", "worker", "run"], env=self.env, stdout=log,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         deadline = time.time() + timeout
         while time.time() < deadline:

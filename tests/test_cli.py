@@ -68,3 +68,33 @@ def test_peft_import_and_list(cli, unique, minilm_dir, tmp_path):
 def test_db_current_reports_head(cli):
     info = json.loads(cli("db", "current", "--json").stdout)
     assert info["up_to_date"] and info["current"] == info["head"]
+
+
+def _closed_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("args", [("status",), ("worker", "drain", "w1"), ("rebalance",), ("tenant", "list"),
+                                  ("topics", "create"), ("send", "t1", "hello"),
+                                  ("load", "--tenants", "t1", "--count", "1")])
+def test_unreachable_services_give_one_error_line(args):
+    port = _closed_port()
+    env = {**os.environ, "FLOCK_DATABASE_URL": f"postgresql://flock:flock@127.0.0.1:{port}/flock",
+           "FLOCK_KAFKA_BOOTSTRAP": f"127.0.0.1:{port}", "COLUMNS": "200"}
+    p = subprocess.run([sys.executable, "-m", "workers.cli", *args], capture_output=True, text=True, env=env,
+                       timeout=120, stdin=subprocess.DEVNULL)
+    assert p.returncode == 1, p.stderr
+    assert p.stderr.startswith("error: ") and p.stderr.count("\n") == 1, p.stderr
+    assert str(port) in p.stderr or "refused" in p.stderr.lower(), p.stderr
+
+
+def test_worker_run_is_the_command_and_bare_worker_still_parses():
+    run = subprocess.run([sys.executable, "-m", "workers.cli", "worker", "run", "--help"], capture_output=True,
+                         text=True, timeout=60, env={**os.environ, "COLUMNS": "200"})
+    assert run.returncode == 0 and "--partitions" in run.stdout
+    group = subprocess.run([sys.executable, "-m", "workers.cli", "worker", "--help"], capture_output=True,
+                           text=True, timeout=60, env={**os.environ, "COLUMNS": "200"})
+    assert group.returncode == 0 and "run" in group.stdout and "drain" in group.stdout

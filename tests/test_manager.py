@@ -1,4 +1,4 @@
-"""The control plane on the real services: 3 `flockserve worker` processes following leases,
+"""The control plane on the real services: 3 `flockserve worker run` processes following leases,
 `flockserve manager` processes (leader + standby), real Kafka and PostgreSQL.
 
 One module-scoped cluster, scenarios in order: skewed load is rebalanced by warm hand-overs
@@ -351,7 +351,7 @@ def test_drain_moves_everything_off_and_status_shows_it(kafka_bootstrap, databas
     assert all(l["worker_id"] != victim and l["lag"] is not None for l in st["leases"])
     human = _cli(cluster["env"], "status")
     assert "partition leases" in human and victim in human
-    plan = json.loads(_cli(cluster["env"], "rebalance", "--plan", "--json"))
+    plan = json.loads(_cli(cluster["env"], "rebalance", "--json"))
     assert plan["applied"] is False and "imbalance_before" in plan
     _cli(cluster["env"], "worker", "drain", victim, "--undo")
     applied = json.loads(_cli(cluster["env"], "rebalance", "--apply", "--force", "--json"))

@@ -1,4 +1,4 @@
-"""The data plane on the real services, with `flockserve worker` as a real process."""
+"""The data plane on the real services, with `flockserve worker run` as a real process."""
 
 from __future__ import annotations
 

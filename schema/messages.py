@@ -174,6 +174,12 @@ def _check(spec: tuple[Field, ...], obj: Any, where: str, one_of=None) -> dict:
     return obj
 
 
+def check_map(spec: tuple[Field, ...], obj: Any, where: str = "", one_of=None) -> dict:
+    """Validate (and normalise) a map against a field table; raises WireError. Public so that
+    other contracts built from Field tables (schema/train.py) validate exactly like this one."""
+    return _check(spec, obj, where, one_of)
+
+
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -637,6 +643,11 @@ def _object_schema(spec: tuple[Field, ...], one_of=None) -> dict[str, Any]:
         s["oneOf"] = [{"required": list(keys),
                        "properties": {f.name: False for f in spec if f.name not in keys}} for keys in one_of]
     return s
+
+
+def object_schema(spec: tuple[Field, ...], one_of=None) -> dict[str, Any]:
+    """JSON Schema of a closed map described by a field table (for other contracts' schemas)."""
+    return _object_schema(spec, one_of)
 
 
 def json_schema(kind: str) -> dict[str, Any]:

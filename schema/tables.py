@@ -160,6 +160,7 @@ class TrainingJob(Base):
     progress: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default="{}")
     metrics: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
     adapter_version: Mapped[int | None] = mapped_column(Integer)
+    code: Mapped[str | None] = mapped_column(String(32))  # failed: schema/train.py FailureCode
     reason: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

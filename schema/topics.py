@@ -11,13 +11,18 @@ REQUESTS_TOPIC = "flock.requests"
 REPLIES_TOPIC = "flock.replies"
 DLQ_TOPIC = "flock.dlq"
 ROUTING_TOPIC = "flock.routing"  # compacted: tenant -> partitions for spread hot tenants
+TRAIN_TOPIC = "flock.train"  # training jobs (schema/train.py), key = tenant id
+TRAIN_REPLIES_TOPIC = "flock.train.replies"  # job outcomes when a job names no reply_to
 
 REQUEST_PARTITIONS = 12
 REPLY_PARTITIONS = 12
 DLQ_PARTITIONS = 3
+TRAIN_PARTITIONS = 3
 
 # One consumer group stores every worker's offsets (workers assign partitions manually).
 CONSUMER_GROUP = "flock-workers"
+# Trainers share the train topic's partitions through Kafka's group protocol (a job is long).
+TRAINER_GROUP = "flock-trainers"
 
 # topic -> (partitions, extra topic configs)
 TOPICS: dict[str, tuple[int, dict[str, str]]] = {
@@ -25,6 +30,8 @@ TOPICS: dict[str, tuple[int, dict[str, str]]] = {
     REPLIES_TOPIC: (REPLY_PARTITIONS, {"retention.ms": str(24 * 3600 * 1000)}),
     DLQ_TOPIC: (DLQ_PARTITIONS, {"retention.ms": str(30 * 24 * 3600 * 1000)}),
     ROUTING_TOPIC: (1, {"cleanup.policy": "compact"}),
+    TRAIN_TOPIC: (TRAIN_PARTITIONS, {"retention.ms": str(7 * 24 * 3600 * 1000)}),
+    TRAIN_REPLIES_TOPIC: (TRAIN_PARTITIONS, {"retention.ms": str(7 * 24 * 3600 * 1000)}),
 }
 
 

@@ -36,6 +36,16 @@ class Settings(BaseSettings):
     request_partitions: int = topics.REQUEST_PARTITIONS
     consumer_group: str = topics.CONSUMER_GROUP
 
+    # Training jobs (workers/trainer/jobs.py, `flockserve trainer`)
+    train_topic: str = topics.TRAIN_TOPIC
+    train_replies_topic: str = topics.TRAIN_REPLIES_TOPIC  # for jobs that name no reply_to
+    trainer_group: str = topics.TRAINER_GROUP
+    train_max_attempts: int = Field(3, ge=1)  # pick-ups of one job (trainer crashes) before it fails
+    train_progress_s: float = 2.0  # how often a running job's progress is written to its row
+    train_prefetch: int = Field(4, ge=1)  # jobs fetched (and recorded queued) ahead of the running one
+    # A trainer busy longer than this (prefetched jobs together) is taken out of its group.
+    train_max_busy_s: float = 6 * 3600.0
+
     # Adapter store
     store_backend: str = Field("postgres", pattern="^(postgres|filesystem)$")
     store_dir: Path = REPO_ROOT / ".flock" / "blobs"

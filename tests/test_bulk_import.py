@@ -91,3 +91,28 @@ def test_paging_is_stable_and_filters(store, sessions, tmp_path, unique):
     with sessions() as s:
         n = s.scalar(select(func.count()).select_from(Adapter).where(Adapter.tenant_id.startswith(f"p{unique}-")))
     assert n == 12
+
+
+def test_cli_import_many_and_paged_list(database_url, tmp_path, unique):
+    import os
+    import subprocess
+    import sys
+    root = _tenant_dirs(tmp_path / "c", f"c{unique}", 4)
+    (root / "Bad_Id").mkdir()
+    env = {**os.environ, "FLOCK_DATABASE_URL": database_url}
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "workers.cli", *args], capture_output=True, text=True, env=env,
+                              timeout=300, stdin=subprocess.DEVNULL)
+    p = cli("tenant", "import-many", str(root), "--json", "--refusals", str(tmp_path / "refused.jsonl"))
+    assert p.returncode == 1, p.stderr  # a refusal is a non-zero exit, the others are imported
+    body = json.loads(p.stdout)
+    assert (body["imported"], body["refused"]) == (4, 1) and body["refusals"][0]["tenant_id"] == "Bad_Id"
+    assert json.loads((tmp_path / "refused.jsonl").read_text())["tenant_id"] == "Bad_Id"
+    p = cli("tenant", "list", "--prefix", f"c{unique}", "--limit", "3", "--json")
+    first = json.loads(p.stdout)
+    assert [t["tenant_id"] for t in first["tenants"]] == [f"c{unique}-{i:03d}" for i in range(3)]
+    rest = json.loads(cli("tenant", "list", "--prefix", f"c{unique}", "--after", first["next_after"], "--json").stdout)
+    assert [t["tenant_id"] for t in rest["tenants"]] == [f"c{unique}-003"] and rest["next_after"] is None
+    p = cli("tenant", "import-many", str(tmp_path / "missing"))
+    assert p.returncode == 1 and p.stderr.startswith("error: ") and len(p.stderr.strip().splitlines()) == 1

@@ -30,8 +30,8 @@ def test_tenant_lifecycle(cli, unique):
     t = f"cli-{unique}"
     created = cli("tenant", "create", t, "--name", "CLI test")
     assert t in created.stdout and "CLI test" in created.stdout
-    listed = json.loads(cli("tenant", "list", "--json").stdout)
-    assert any(r["tenant_id"] == t for r in listed)
+    listed = json.loads(cli("tenant", "list", "--prefix", t, "--json").stdout)
+    assert [r["tenant_id"] for r in listed["tenants"]] == [t] and listed["next_after"] is None
     shown = json.loads(cli("tenant", "show", t, "--json").stdout)
     assert shown["tenant_id"] == t and shown["active_version"] is None and shown["adapter_versions"] == []
     dup = cli("tenant", "create", t, ok=False)

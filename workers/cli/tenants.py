@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from workers.cli.app import JsonFlag, emit, group, out, plain, print_json, run_cli, sessions, store
+from workers.cli.app import JsonFlag, emit, err, group, out, plain, print_json, run_cli, sessions, store
 
 tenant_app = group("tenant", "Tenants.")
 adapter_app = group("adapter", "Tenant adapters (PET deltas + heads).")
@@ -28,10 +28,75 @@ def tenant_create(tenant_id: str, name: Annotated[Optional[str], typer.Option("-
 
 
 @tenant_app.command("list")
-def tenant_list(as_json: JsonFlag = False) -> None:
-    """List tenants."""
+def tenant_list(limit: Annotated[int, typer.Option(min=1, max=10000, help="Tenants per page.")] = 100,
+                after: Annotated[Optional[str], typer.Option(help="Start after this tenant id (the previous "
+                                                                   "page's next_after).")] = None,
+                prefix: Annotated[Optional[str], typer.Option(help="Only ids starting with this.")] = None,
+                pet_type: Annotated[Optional[str], typer.Option("--pet-type", help="Only tenants whose active "
+                                                                               "adapter is of this PET type.")] = None,
+                as_json: JsonFlag = False) -> None:
+    """List tenants, a page at a time in id order (stable while tenants come and go)."""
     from workers.tenants import TenantRegistry
-    emit(run_cli(lambda: TenantRegistry(sessions()).list()), as_json, TENANT_COLS, title="tenants")
+    page = run_cli(lambda: TenantRegistry(sessions()).page(limit=limit, after=after, prefix=prefix, pet_type=pet_type))
+    if as_json:
+        print_json({"tenants": plain(page.tenants), "next_after": page.next_after})
+        return
+    emit(page.tenants, False, TENANT_COLS, title="tenants")
+    if page.next_after:
+        out.print(f"more: flockserve tenant list --after {page.next_after}")
+
+
+@tenant_app.command("import-many")
+def tenant_import_many(
+        source: Annotated[Path, typer.Argument(help="A directory of adapter directories named by tenant id, "
+                                                    "or a JSONL manifest (tenant_id, path, display_name, "
+                                                    "base_model, labels, pooling).")],
+        base_model: Annotated[Optional[str], typer.Option(help="Base model id where the source names none "
+                                                               "(default FLOCK_DEFAULT_BASE_MODEL).")] = None,
+        batch: Annotated[int, typer.Option(min=1, help="Tenants per transaction.")] = 500,
+        activate: Annotated[bool, typer.Option(help="Serve the imported versions right away.")] = True,
+        refusals: Annotated[Optional[Path], typer.Option(help="Write refused tenants and reasons here (JSONL).")] = None,
+        as_json: JsonFlag = False) -> None:
+    """Register many tenants with their adapters: validated like `adapter import`, committed in
+    batches, safe to re-run (unchanged adapters get no new version)."""
+    import json
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from workers.adapters.bulk import ManifestError, import_many, read_source
+    from workers.cli.app import CliError
+    from workers.config import settings
+
+    s = settings()
+
+    def go():
+        try:
+            items = read_source(source)
+        except ManifestError as exc:
+            raise CliError(str(exc)) from None
+        with Progress(TextColumn("import"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                      console=err, transient=True, disable=as_json) as bar:
+            task = bar.add_task("import", total=len(items))
+            return import_many(store(), items, default_base_model=base_model or s.default_base_model,
+                               activate=activate, batch_size=batch, max_bytes=s.max_adapter_bytes,
+                               progress=lambda k: bar.advance(task, k))
+
+    report = run_cli(go)
+    if refusals:
+        refusals.write_text("".join(json.dumps({"tenant_id": t, "reason": r}) + "\n" for t, r in report.refused))
+    summary = {"imported": report.imported, "unchanged": report.unchanged, "refused": len(report.refused),
+               "seconds": round(report.seconds, 1), "tenants_per_s": round(report.rate, 1)}
+    if as_json:
+        print_json({**summary, "refusals": [{"tenant_id": t, "reason": r} for t, r in report.refused]})
+    else:
+        emit(summary, False, list(summary), title="import-many")
+        for t, r in report.refused[:20]:
+            err.print(f"refused {t}: {r}", markup=False, highlight=False)
+        if len(report.refused) > 20:
+            err.print(f"... and {len(report.refused) - 20} more" + (f" (all in {refusals})" if refusals else
+                                                                    " (--refusals FILE lists them all)"))
+    if report.refused:
+        raise typer.Exit(1)
 
 
 @tenant_app.command("show")

@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "workers.cli.topics",
     "workers.cli.control",
     "workers.cli.traffic",
+    "workers.trainer.cli_jobs",
 )
 
 for _m in COMMAND_MODULES:

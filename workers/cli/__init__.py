@@ -17,6 +17,8 @@ COMMAND_MODULES = (
     "workers.cli.worker",
     "workers.cli.db",
     "workers.cli.tenants",
+    "workers.trainer.cli",  # flockserve adapter train
+    "workers.cli.security",
     "workers.cli.topics",
     "workers.cli.control",
     "workers.cli.traffic",

@@ -279,6 +279,7 @@ def test_a_job_that_kills_the_trainer_is_retried_then_failed(train_env, sessions
     assert [j["state"] for j in json.loads(out.stdout)] == ["failed"]
 
 
+@pytest.mark.restarts
 def test_a_retried_job_can_succeed(train_env, sessions, unique):
     """One crash, then a healthy trainer: the job succeeds on attempt 2 (counted in the row)."""
     from workers.trainer.jobs import CRASH_ENV, JobTable, submit

@@ -43,6 +43,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from schema.messages import InferRequest  # noqa: E402
 from tests.serving_harness import WorkerProcess, make_topics  # noqa: E402
 from workers.config import settings  # noqa: E402
+from workers.kafka_conn import kafka_options  # noqa: E402
 from workers.loadgen import WORDS  # noqa: E402
 
 STAGES = ("consume", "decode", "tokenise", "batch", "engine", "reply_encode", "produce", "commit")
@@ -97,7 +98,7 @@ def short_texts(n: int, seed: int) -> list[str]:
 
 async def produce_backlog(bootstrap: str, topic: str, reqs: list[InferRequest]) -> None:
     from aiokafka import AIOKafkaProducer
-    p = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True, acks="all", linger_ms=20,
+    p = AIOKafkaProducer(bootstrap_servers=bootstrap, **kafka_options(), enable_idempotence=True, acks="all", linger_ms=20,
                          max_batch_size=256 * 1024)
     await p.start()
     try:
@@ -109,7 +110,7 @@ async def produce_backlog(bootstrap: str, topic: str, reqs: list[InferRequest]) 
 
 async def wait_for_replies(bootstrap: str, topic: str, total: int, timeout: float) -> None:
     from aiokafka import AIOKafkaConsumer, TopicPartition
-    c = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    c = AIOKafkaConsumer(bootstrap_servers=bootstrap, **kafka_options(), enable_auto_commit=False)
     await c.start()
     try:
         parts = c.partitions_for_topic(topic)

@@ -41,6 +41,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from workers.loadgen import WORDS  # noqa: E402
+from workers.kafka_conn import kafka_options  # noqa: E402
 
 WORD_LIST = list(WORDS)
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
@@ -254,7 +255,7 @@ def _produce_proc(args) -> int:
     from schema.messages import InferRequest
 
     async def go() -> int:
-        p = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, max_batch_size=512 * 1024, acks=1)
+        p = AIOKafkaProducer(bootstrap_servers=bootstrap, **kafka_options(), linger_ms=5, max_batch_size=512 * 1024, acks=1)
         await p.start()
         try:
             start = time.monotonic()
@@ -279,7 +280,7 @@ def _read_replies_proc(args) -> list[float]:
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
     async def go() -> list[float]:
-        c = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="latest")
+        c = AIOKafkaConsumer(bootstrap_servers=bootstrap, **kafka_options(), enable_auto_commit=False, auto_offset_reset="latest")
         await c.start()
         lat: list[float] = []
         try:
@@ -312,7 +313,7 @@ class Counter:
 
     async def __aenter__(self):
         from aiokafka import AIOKafkaConsumer, TopicPartition
-        self.c = AIOKafkaConsumer(bootstrap_servers=self.bootstrap)
+        self.c = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, **kafka_options())
         await self.c.start()
         await self.c._client.force_metadata_update()  # noqa: SLF001 - know the new topic's partitions now
         self.tps = [TopicPartition(self.topic, p) for p in sorted(self.c.partitions_for_topic(self.topic) or ())]

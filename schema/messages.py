@@ -47,6 +47,7 @@ class ErrorCode(str, enum.Enum):
     EXPIRED = "expired"  # deadline passed before compute
     OVERLOADED = "overloaded"
     INTERNAL = "internal"
+    UNAUTHENTICATED = "unauthenticated"  # missing/invalid tenant signature (docs/security.md)
 
 
 class Headers:
@@ -59,6 +60,7 @@ class Headers:
     REPLY_TO = "flock-reply-to"
     ERROR = "flock-error"  # DLQ records: why the record was rejected
     SOURCE = "flock-source"  # DLQ records: topic/partition/offset of the original
+    AUTH = "flock-auth"  # requests: "v1:<key_id>:<base64url HMAC-SHA256 of the value>" (workers/auth.py)
 
 
 class WireError(ValueError):

@@ -172,3 +172,18 @@ class TrainingJob(Base):
         Index("ix_training_jobs_tenant_id", "tenant_id"),
         Index("ix_training_jobs_state", "state"),
     )
+
+
+class TenantKey(Base):
+    """A tenant's request-signing key (HMAC-SHA256, workers/auth.py). The secret itself is stored:
+    a worker must recompute the MAC, so database read access means key access (docs/security.md).
+    After a rotation the old key keeps working until ``expires_at``; a revoked key at once stops."""
+
+    __tablename__ = "tenant_keys"
+    key_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.tenant_id", ondelete="CASCADE"))
+    secret: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    __table_args__ = (Index("ix_tenant_keys_tenant_id", "tenant_id"),)

@@ -11,6 +11,8 @@ REQUESTS_TOPIC = "flock.requests"
 REPLIES_TOPIC = "flock.replies"
 DLQ_TOPIC = "flock.dlq"
 ROUTING_TOPIC = "flock.routing"  # compacted: tenant -> partitions for spread hot tenants
+# With FLOCK_TENANT_REPLY_TOPICS each tenant reads its replies from <prefix><tenant_id> only.
+TENANT_REPLY_PREFIX = "flock.replies."
 TRAIN_TOPIC = "flock.train"  # training jobs (schema/train.py), key = tenant id
 TRAIN_REPLIES_TOPIC = "flock.train.replies"  # job outcomes when a job names no reply_to
 
@@ -33,6 +35,11 @@ TOPICS: dict[str, tuple[int, dict[str, str]]] = {
     TRAIN_TOPIC: (TRAIN_PARTITIONS, {"retention.ms": str(7 * 24 * 3600 * 1000)}),
     TRAIN_REPLIES_TOPIC: (TRAIN_PARTITIONS, {"retention.ms": str(7 * 24 * 3600 * 1000)}),
 }
+
+
+def tenant_reply_topic(tenant_id: str, prefix: str = TENANT_REPLY_PREFIX) -> str:
+    """The one reply topic a tenant owns (and may read) when replies are per tenant."""
+    return f"{prefix}{tenant_id}"
 
 
 def murmur2(data: bytes) -> int:

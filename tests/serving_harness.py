@@ -22,6 +22,7 @@ from workers.adapters.store import AdapterStore, make_backend
 from workers.kafka_admin import ensure_topics
 from workers.models import base_dims
 from workers.tenants import TenantRegistry
+from workers.kafka_conn import kafka_options
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -137,7 +138,7 @@ class WorkerProcess:
 
 
 async def produce(bootstrap: str, topic: str, reqs: list[InferRequest], raw: list[bytes] = ()) -> None:
-    p = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True, acks="all", linger_ms=5)
+    p = AIOKafkaProducer(bootstrap_servers=bootstrap, **kafka_options(), enable_idempotence=True, acks="all", linger_ms=5)
     await p.start()
     try:
         futs = [await p.send(topic, r.encode(), key=r.tenant_id.encode(), headers=r.headers()) for r in reqs]
@@ -149,7 +150,7 @@ async def produce(bootstrap: str, topic: str, reqs: list[InferRequest], raw: lis
 
 async def interleaved(bootstrap: str, topic: str, items: list) -> None:
     """Produce InferRequests and raw bytes in the given order."""
-    p = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True, acks="all", linger_ms=5)
+    p = AIOKafkaProducer(bootstrap_servers=bootstrap, **kafka_options(), enable_idempotence=True, acks="all", linger_ms=5)
     await p.start()
     try:
         futs = []
@@ -165,7 +166,7 @@ async def interleaved(bootstrap: str, topic: str, items: list) -> None:
 
 async def collect(bootstrap: str, topic: str, until, timeout: float = 120.0, decode=True) -> list:
     """Read a topic from the start until ``until(records)`` is true (or time out: return what came)."""
-    c = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest")
+    c = AIOKafkaConsumer(bootstrap_servers=bootstrap, **kafka_options(), enable_auto_commit=False, auto_offset_reset="earliest")
     await c.start()
     out: list = []
     try:

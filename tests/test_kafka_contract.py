@@ -13,6 +13,7 @@ from hypothesis import given, strategies as st
 from schema.messages import Headers, InferRequest, header_map
 from schema.topics import murmur2, partition_for
 from workers.kafka_admin import ensure_topics
+from workers.kafka_conn import kafka_options
 
 
 @given(st.binary(max_size=64))
@@ -33,7 +34,7 @@ async def test_keyed_requests_land_on_tenant_stable_partitions(kafka_bootstrap, 
     await ensure_topics(kafka_bootstrap, {topic: (parts, {})})
     tenants = [f"tenant-{i}" for i in range(20)]
     sent: dict[str, InferRequest] = {}
-    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, enable_idempotence=True, acks="all")
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, **kafka_options(), enable_idempotence=True, acks="all")
     await producer.start()
     try:
         for round_ in range(3):
@@ -45,7 +46,7 @@ async def test_keyed_requests_land_on_tenant_stable_partitions(kafka_bootstrap, 
     finally:
         await producer.stop()
 
-    consumer = AIOKafkaConsumer(bootstrap_servers=kafka_bootstrap, enable_auto_commit=False,
+    consumer = AIOKafkaConsumer(bootstrap_servers=kafka_bootstrap, **kafka_options(), enable_auto_commit=False,
                                 auto_offset_reset="earliest")
     await consumer.start()
     seen: dict[str, set[int]] = defaultdict(set)

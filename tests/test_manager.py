@@ -25,6 +25,7 @@ from schema.messages import ErrorCode, InferRequest
 from schema.topics import partition_for
 from tests.serving_harness import ROOT, WorkerProcess, collect, make_tenants, make_topics
 from workers.kafka_admin import ensure_topics
+from workers.kafka_conn import kafka_options
 from workers.manager import pg
 from workers.manager.leader import current_leader
 
@@ -118,7 +119,7 @@ async def open_loop(bootstrap: str, topic: str, rates: dict[str, float], seconds
     """Requests at fixed per-tenant rates (keyed by tenant: Kafka's hash picks the partition)."""
     from aiokafka import AIOKafkaProducer
 
-    p = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True, acks="all", linger_ms=5)
+    p = AIOKafkaProducer(bootstrap_servers=bootstrap, **kafka_options(), enable_idempotence=True, acks="all", linger_ms=5)
     await p.start()
     sent: list[InferRequest] = []
     futs = []

@@ -4,7 +4,10 @@
         reply = await client.infer("acme", "the text", timeout=10)
         reply.outputs["label"]
 
-Requests are keyed by tenant (tenant-stable partitions). A hot tenant the manager spread over
+Requests are keyed by tenant (tenant-stable partitions). With a tenant key (``tenant_key=`` or
+FLOCK_TENANT_KEY, from ``flockserve tenant key create``) every request is signed (workers/auth.py);
+with per-tenant replies (FLOCK_TENANT_REPLY_TOPICS) a client made for one tenant (``tenant=``)
+reads that tenant's own reply topic, the only one its Kafka principal may read. A hot tenant the manager spread over
 several partitions is routed by the compacted ``flock.routing`` topic (see
 :class:`RoutingTable`): a partition drawn from its list, key hashing otherwise. Replies are read from the client's
 reply topic (default: the shared ``flock.replies``; pass your own for high volume) and matched
@@ -22,8 +25,11 @@ from typing import Any, Iterable
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from schema.messages import InferReply, InferRequest, WireError, now_ms
+from schema.messages import Headers, InferReply, InferRequest, WireError, now_ms
+from schema.topics import tenant_reply_topic
+from workers.auth import decode_key, sign
 from workers.config import settings
+from workers.kafka_conn import kafka_options
 
 
 log = logging.getLogger("flock.client")
@@ -37,15 +43,16 @@ class RoutingTable:
     """tenant -> partitions, followed from the compacted routing topic (key = tenant, JSON value,
     tombstone = back to hashing). A missing topic or a stale table only means hashing."""
 
-    def __init__(self, bootstrap: str, topic: str):
+    def __init__(self, bootstrap: str, topic: str, kafka: dict[str, Any] | None = None):
         self.bootstrap, self.topic = bootstrap, topic
+        self.kafka = kafka_options() if kafka is None else kafka
         self.routes: dict[str, list[int]] = {}
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task | None = None
         self._rng = random.Random()
 
     async def start(self, wait_s: float = 5.0) -> None:
-        self._consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False,
+        self._consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, **self.kafka, enable_auto_commit=False,
                                           auto_offset_reset="earliest")
         await self._consumer.start()
         parts = self._consumer.partitions_for_topic(self.topic)
@@ -106,18 +113,25 @@ class RoutingTable:
 
 class FlockClient:
     def __init__(self, bootstrap: str | None = None, *, requests_topic: str | None = None,
-                 reply_topic: str | None = None, routing_topic: str | None = None, routing: bool = True):
+                 reply_topic: str | None = None, routing_topic: str | None = None, routing: bool = True,
+                 tenant: str | None = None, tenant_key: str | None = None,
+                 kafka: dict[str, Any] | None = None):
         s = settings()
         self.bootstrap = bootstrap or s.kafka_bootstrap
         self.requests_topic = requests_topic or s.requests_topic
+        if reply_topic is None and tenant is not None and s.tenant_reply_topics:
+            reply_topic = tenant_reply_topic(tenant, s.reply_topic_prefix)  # the workers reply only there
         self.reply_topic = reply_topic or s.replies_topic
+        key = tenant_key or (s.tenant_key.get_secret_value() if s.tenant_key else None)
+        self._key = decode_key(key) if key else None  # (key_id, secret): requests are signed
+        self.kafka = kafka_options() if kafka is None else kafka  # e.g. the tenant's own principal
         self._pending: dict[str, asyncio.Future[InferReply]] = {}
         self.duplicates = 0
         self.stray = 0  # replies for requests of other clients or earlier runs
         self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self._reader: asyncio.Task | None = None
-        self.routing = RoutingTable(self.bootstrap, routing_topic or s.routing_topic) if routing else None
+        self.routing = RoutingTable(self.bootstrap, routing_topic or s.routing_topic, self.kafka) if routing else None
         self._request_partitions: int | None = None
 
     async def __aenter__(self) -> "FlockClient":
@@ -128,10 +142,10 @@ class FlockClient:
         await self.close()
 
     async def start(self) -> None:
-        self._producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, enable_idempotence=True,
+        self._producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, **self.kafka, enable_idempotence=True,
                                           acks="all", linger_ms=2)
         await self._producer.start()
-        self._consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False,
+        self._consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, **self.kafka, enable_auto_commit=False,
                                           auto_offset_reset="latest")
         await self._consumer.start()
         parts = await self._consumer_partitions()
@@ -197,8 +211,11 @@ class FlockClient:
         fut: asyncio.Future[InferReply] = asyncio.get_running_loop().create_future()
         self._pending[req.request_id] = fut
         partition = self.routing.partition(req.tenant_id, self._request_partitions) if self.routing else None
-        ack = await self._producer.send(self.requests_topic, req.encode(), key=req.tenant_id.encode(),
-                                        headers=req.headers(), partition=partition)
+        value, headers = req.encode(), req.headers()
+        if self._key is not None:
+            headers.append((Headers.AUTH, sign(*self._key, value)))
+        ack = await self._producer.send(self.requests_topic, value, key=req.tenant_id.encode(),
+                                        headers=headers, partition=partition)
 
         def produced(a: asyncio.Future, rid: str = req.request_id) -> None:
             # Not acked by Kafka: the request may not exist, so fail its reply future.

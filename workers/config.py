@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 import socket
+import urllib.parse
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from schema import topics
@@ -27,6 +28,35 @@ class Settings(BaseSettings):
     # Services (scripts/services starts these on loopback; compose.yaml maps the same ports).
     kafka_bootstrap: str = "127.0.0.1:19092"
     database_url: str = "postgresql://flock:flock@127.0.0.1:15432/flock"
+
+    # PostgreSQL TLS (libpq names; also accepted as ?sslmode=&sslrootcert= in the URL).
+    database_sslmode: str | None = Field(None, pattern="^(disable|allow|prefer|require|verify-ca|verify-full)$")
+    database_sslrootcert: Path | None = None
+
+    # Kafka connection security, for every client (workers/kafka_conn.py). Secrets come from the
+    # environment or from *_file paths and are never printed (SecretStr).
+    kafka_security_protocol: str = Field("PLAINTEXT", pattern="^(PLAINTEXT|SSL|SASL_PLAINTEXT|SASL_SSL)$")
+    kafka_sasl_mechanism: str = Field("PLAIN", pattern="^(PLAIN|SCRAM-SHA-256|SCRAM-SHA-512|OAUTHBEARER)$")
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_sasl_password_file: Path | None = None
+    kafka_oauth_token_file: Path | None = None  # OAUTHBEARER: the token, re-read on every login
+    kafka_ssl_cafile: Path | None = None
+    kafka_ssl_certfile: Path | None = None  # client certificate (mutual TLS)
+    kafka_ssl_keyfile: Path | None = None
+    kafka_ssl_key_password: SecretStr | None = None
+    kafka_ssl_check_hostname: bool = True
+
+    # Tenant authentication on the data path (workers/auth.py; docs/security.md). Off for local
+    # development; compose.yaml's production profile turns both on.
+    auth_required: bool = False  # requests must carry a valid HMAC of a tenant key (flock-auth header)
+    auth_keys_poll_s: float = 5.0  # how often a worker re-reads tenant keys (new, rotated, revoked)
+    key_rotation_overlap_s: float = 86400.0  # after a rotation the old key stays valid this long
+    # Replies go to the tenant's own topic <reply_topic_prefix><tenant_id> (Kafka ACLs keep it
+    # private); a request's reply_to is honoured only when it names that topic.
+    tenant_reply_topics: bool = False
+    reply_topic_prefix: str = topics.TENANT_REPLY_PREFIX
+    tenant_key: SecretStr | None = None  # the SDK's key (<key_id>.<secret>): it signs every request
 
     # Topics
     requests_topic: str = topics.REQUESTS_TOPIC
@@ -106,6 +136,13 @@ class Settings(BaseSettings):
     spread_hot_tenants: bool = True
     hot_tenant_factor: float = 1.5  # spread a tenant above this many partitions' fair share of load
 
+    @model_validator(mode="after")
+    def _database_tls(self) -> "Settings":
+        # Into the URL itself, so every driver (psycopg2, asyncpg) and every caller gets it.
+        self.database_url = with_query(self.database_url, sslmode=self.database_sslmode,
+                                       sslrootcert=self.database_sslrootcert and str(self.database_sslrootcert))
+        return self
+
 
 LEASES = "leases"
 
@@ -136,6 +173,14 @@ def parse_partitions(spec: str, total: int) -> list[int]:
 @lru_cache(maxsize=1)
 def settings() -> Settings:
     return Settings()
+
+
+def with_query(url: str, **params: str | None) -> str:
+    """``url`` with the given query parameters added (those already in it are kept)."""
+    add = {k: v for k, v in params.items() if v is not None and f"{k}=" not in url.partition("?")[2]}
+    if not add:
+        return url
+    return url + ("&" if "?" in url else "?") + urllib.parse.urlencode(add)
 
 
 def _with_driver(url: str, driver: str) -> str:

@@ -8,6 +8,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
 from schema import topics
+from workers.kafka_conn import kafka_options
 
 
 def topic_plan(request_partitions: int | None = None) -> dict[str, tuple[int, dict[str, str]]]:
@@ -18,10 +19,12 @@ def topic_plan(request_partitions: int | None = None) -> dict[str, tuple[int, di
 
 
 async def ensure_topics(bootstrap: str, plan: dict[str, tuple[int, dict[str, str]]] | None = None,
-                        timeout_s: float = 30.0) -> dict[str, int]:
-    """Create missing topics; return topic -> partition count as the broker has it."""
+                        timeout_s: float = 30.0, kafka: dict | None = None) -> dict[str, int]:
+    """Create missing topics; return topic -> partition count as the broker has it. ``kafka``:
+    connection options other than the configured ones (workers.kafka_conn)."""
     plan = plan or topic_plan()
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000))
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **(kafka_options() if kafka is None else kafka),
+                                request_timeout_ms=int(timeout_s * 1000))
     await admin.start()
     try:
         existing = set(await admin.list_topics())

@@ -11,6 +11,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from schema.messages import Headers, InferReply, InferRequest, WireError, header_map, now_ms
 from scripts.faults.history import History, Sent
 from workers.loadgen import make_text, tenant_sampler
+from workers.kafka_conn import kafka_options
 
 
 class Collector:
@@ -25,7 +26,7 @@ class Collector:
 
     async def _run(self) -> None:
         while True:  # survive broker restarts: reconnect and re-read from the last position
-            c = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False,
+            c = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, **kafka_options(), enable_auto_commit=False,
                                  auto_offset_reset="earliest", request_timeout_ms=10000)
             positions: dict[TopicPartition, int] = getattr(self, "_positions", {})
             self._positions = positions
@@ -78,7 +79,7 @@ async def drive(bootstrap: str, topic: str, history: History, tenants: list[str]
     """Produce requests at ``rate`` for ``seconds``; ``extra(i)`` returns poison records to interleave."""
     rng = random.Random(seed)
     pick = tenant_sampler(tenants, "zipf", 1.0, rng)
-    p = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True, acks="all", linger_ms=2,
+    p = AIOKafkaProducer(bootstrap_servers=bootstrap, **kafka_options(), enable_idempotence=True, acks="all", linger_ms=2,
                          request_timeout_ms=60000)
     await p.start()
     acks = []

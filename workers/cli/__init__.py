@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "workers.cli.db",
     "workers.cli.tenants",
     "workers.trainer.cli",  # flockserve adapter train
+    "workers.cli.security",
     "workers.cli.topics",
     "workers.cli.control",
     "workers.cli.traffic",

@@ -28,7 +28,7 @@ def send_cmd(tenant_id: str, text: str,
     from workers.client import FlockClient, FlockTimeout
 
     async def go():
-        async with FlockClient() as c:
+        async with FlockClient(tenant=tenant_id) as c:  # signs with FLOCK_TENANT_KEY; reads its reply topic
             return await c.infer(tenant_id, text, text_pair=pair, timeout=timeout)
 
     def run():

@@ -11,6 +11,8 @@ from collections import deque
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from workers.kafka_conn import kafka_options
+
 
 class DemandMeter:
     def __init__(self, bootstrap: str, topic: str, partitions: int, window_s: float):
@@ -20,7 +22,7 @@ class DemandMeter:
 
     async def sample(self) -> None:
         if self._consumer is None:
-            self._consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False,
+            self._consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, **kafka_options(), enable_auto_commit=False,
                                               request_timeout_ms=5000)
             await self._consumer.start()
         tps = [TopicPartition(self.topic, p) for p in range(self.partitions)]

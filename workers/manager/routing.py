@@ -13,6 +13,8 @@ from typing import Callable
 
 from aiokafka import AIOKafkaProducer
 
+from workers.kafka_conn import kafka_options
+
 
 def plan_routes(tenant_cost: dict[str, float], partition_cost: dict[int, float], partitions: int,
                 home: Callable[[str], int], current: dict[str, list[int]], factor: float = 1.5,
@@ -69,7 +71,7 @@ class RoutePublisher:
             if removed:
                 await conn.execute("DELETE FROM tenant_routes WHERE tenant_id = ANY($1::text[])", removed)
         if self._producer is None:
-            self._producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", enable_idempotence=True)
+            self._producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, **kafka_options(), acks="all", enable_idempotence=True)
             await self._producer.start()
         futs = [await self._producer.send(self.topic, json.dumps({"tenant_id": t, "partitions": p}).encode(),
                                           key=t.encode()) for t, p in changed.items()]

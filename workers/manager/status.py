@@ -13,11 +13,12 @@ from workers.manager import pg
 from workers.manager.leader import current_leader
 from workers.manager.routing import read_routes
 from workers.manager.state import balancer_inputs, observe, partition_cost, _report_for
+from workers.kafka_conn import kafka_options
 
 
 async def kafka_lag(s: Settings, partitions: list[int]) -> dict[int, dict[str, int | None]]:
     """End offset, committed offset (the shared consumer group) and lag per request partition."""
-    c = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap, group_id=s.consumer_group, enable_auto_commit=False,
+    c = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap, **kafka_options(s), group_id=s.consumer_group, enable_auto_commit=False,
                          request_timeout_ms=10000)
     await c.start()
     try:

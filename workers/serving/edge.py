@@ -106,7 +106,7 @@ class EdgeTokenizer:
 async def run_edge(s: Settings, index: int, fd: int, ring_name: str, layout: SlotLayout,
                    partitions: list[int]) -> None:
     from workers.models import resolve_model_dir
-    from workers.serving.main import worker_config
+    from workers.serving.main import keys_for, worker_config
     from workers.serving.tokens import IntakeTokenizer
 
     sock = socket.socket(fileno=fd)
@@ -118,7 +118,7 @@ async def run_edge(s: Settings, index: int, fd: int, ring_name: str, layout: Slo
     cfg.partitions = partitions
     cfg.client_suffix = f"-e{index}"
     tok = EdgeTokenizer(IntakeTokenizer(str(resolve_model_dir(s.default_base_model, s.models_dir)), s.truncate))
-    worker = Worker(cfg, engine, tok, metrics)
+    worker = Worker(cfg, engine, tok, metrics, load_keys=keys_for(s))  # signatures checked here, not in the engine process
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stop)

@@ -11,7 +11,9 @@ from prometheus_client import generate_latest
 
 from workers.adapters.store import AdapterStore, make_backend
 from workers.config import Settings, follows_leases, parse_partitions
+from workers.auth import key_loader
 from workers.db import session_factory
+from workers.kafka_conn import kafka_options
 from workers.models import resolve_model_dir
 from workers.serving.adapter_source import StoreLoader, active_versions
 from workers.serving.batcher import BatchPolicy
@@ -36,7 +38,14 @@ def worker_config(s: Settings) -> WorkerConfig:
         commit_interval_ms=s.commit_interval_ms, version_poll_s=s.version_poll_s,
         shutdown_timeout_s=s.shutdown_timeout_s, follow_leases=follows_leases(s.partitions),
         handover_drain_s=s.handover_drain_s, produce_linger_ms=s.produce_linger_ms,
-        produce_max_batch_bytes=s.produce_max_batch_bytes)
+        produce_max_batch_bytes=s.produce_max_batch_bytes, kafka=kafka_options(s),
+        auth_required=s.auth_required, auth_keys_poll_s=s.auth_keys_poll_s,
+        tenant_reply_prefix=s.reply_topic_prefix if s.tenant_reply_topics else None)
+
+
+def keys_for(s: Settings):
+    """The tenant-key loader of a worker (or edge) that checks signatures, else None."""
+    return key_loader(s.database_url) if s.auth_required else None
 
 
 def build_engine(s: Settings, store: AdapterStore):
@@ -75,7 +84,7 @@ async def run_worker(s: Settings) -> None:
     versions = lambda: active_versions(store)  # noqa: E731
     if n_edges == 0:  # one process: the Kafka loop next to the engine
         worker = Worker(worker_config(s), engine, IntakeTokenizer(str(model_dir), s.truncate), metrics,
-                        active_versions=versions)
+                        active_versions=versions, load_keys=keys_for(s))
         metrics_body = None
     else:  # this process hosts the engine; edge processes run the Kafka loop
         worker = WorkerGroup(s, engine, parse_partitions(s.partitions, s.request_partitions), n_edges, metrics,

@@ -48,13 +48,18 @@ class WorkerMetrics:
                                            "(edge batches of a worker group)", registry=r,
                                            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024))
         self.stage_cpu = StageCPU()
+        self.auth_failures = Counter("flock_auth_failures_total", "Requests refused as unauthenticated, by reason",
+                                     ["reason"], registry=r)
+        self.auth_keys = Gauge("flock_auth_keys", "Tenant keys this worker accepts", registry=r)
+        self.reply_to_refused = Counter("flock_reply_to_refused_total", "Requests whose reply_to named a topic "
+                                        "the tenant does not own (replied to its own topic instead)", registry=r)
         r.register(CPUCollector(self.stage_cpu, engine_in_process))
 
 
 # --------------------------------------------------------------------------- CPU accounting
 # Where the host path spends CPU, for bench/dataplane.py and operators. Stages are timed per
 # batch of work (never per request) with time.thread_time() on the thread doing the work.
-STAGES = ("consume", "decode", "tokenise", "batch", "engine", "reply_encode", "produce", "commit")
+STAGES = ("consume", "decode", "auth", "tokenise", "batch", "engine", "reply_encode", "produce", "commit")
 
 
 class StageCPU:

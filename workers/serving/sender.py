@@ -51,7 +51,8 @@ class Work:
 
 class ReplySender:
     def __init__(self, producer: AIOKafkaProducer, tracker: OffsetTracker, metrics: WorkerMetrics,
-                 crash: CrashPoints, requests_topic: str, replies_topic: str, dlq_topic: str):
+                 crash: CrashPoints, requests_topic: str, replies_topic: str, dlq_topic: str,
+                 tenant_reply_prefix: str | None = None):
         self.producer = producer
         self.tracker = tracker
         self.metrics = metrics
@@ -59,10 +60,22 @@ class ReplySender:
         self.requests_topic = requests_topic
         self.replies_topic = replies_topic
         self.dlq_topic = dlq_topic
+        self.tenant_reply_prefix = tenant_reply_prefix
         self._topic_ok: dict[str, tuple[bool, float]] = {}
         self._partitioner = DefaultPartitioner()  # what producer.send() would pick: murmur2 of the key
         self._keyed: dict[tuple, int] = {}  # (topic, key, partition count) -> partition
         self._latency: dict[str, Any] = {}  # tenant -> histogram child (labels() is not free)
+
+    def topic_for(self, tenant_id: str, reply_to: str | None) -> str:
+        """Where a tenant's reply goes. Per-tenant replies: always the tenant's own topic, which
+        only its principal may read; a reply_to naming any other topic is not honoured."""
+        prefix = self.tenant_reply_prefix
+        if prefix is None:
+            return reply_to or self.replies_topic
+        own = prefix + tenant_id
+        if reply_to is not None and reply_to != own:
+            self.metrics.reply_to_refused.inc()
+        return own
 
     async def reply_topic_ok(self, topic: str) -> bool:
         """Does the reply topic exist? Cached; a missing topic is asked about again after 30 s."""
@@ -81,7 +94,7 @@ class ReplySender:
         """Replies (with their encoded value and headers) of many requests, sent as record batches."""
         records: list[tuple[Work, list[Send]]] = []
         for w, reply, value, headers in items:
-            topic = w.request.reply_to or self.replies_topic
+            topic = self.topic_for(w.request.tenant_id, w.request.reply_to)
             if topic == self.replies_topic or await self.reply_topic_ok(topic):
                 records.append((w, [(topic, value, reply.tenant_id.encode(), headers)]))
             else:

@@ -27,6 +27,7 @@ from aiokafka.errors import KafkaError
 from aiokafka.structs import OffsetAndMetadata
 
 from schema.messages import ErrorCode, InferReply, InferRequest, WireError
+from workers.auth import KeyRow, Keyring
 from workers.serving.batcher import BatchPolicy, CoordinatedBatcher, Pending
 from workers.serving.fault_hooks import CrashPoints
 from workers.serving.versions import follow_active_versions
@@ -83,17 +84,26 @@ class WorkerConfig:
     produce_linger_ms: float = 2.0
     produce_max_batch_bytes: int = 256 * 1024
     client_suffix: str = ""  # Kafka client ids: the edge index in a worker group
+    kafka: dict[str, Any] = field(default_factory=dict)  # security options (workers.kafka_conn)
+    auth_required: bool = False  # requests must be signed with a tenant key (workers.auth)
+    auth_keys_poll_s: float = 5.0
+    tenant_reply_prefix: str | None = None  # replies to <prefix><tenant>, reply_to only if it is that
 
 
 class Worker:
     def __init__(self, cfg: WorkerConfig, engine: EngineAPI, tokenizer: TokenizerAPI,
                  metrics: WorkerMetrics | None = None,
-                 active_versions: Callable[[], dict[str, int | None]] | None = None):
+                 active_versions: Callable[[], dict[str, int | None]] | None = None,
+                 load_keys: Callable[[], list[KeyRow]] | None = None):
         self.cfg = cfg
         self.engine = engine
         self.tok = tokenizer
         self.metrics = metrics or WorkerMetrics()
         self.active_versions = active_versions
+        if cfg.auth_required and load_keys is None:
+            raise ValueError("auth_required needs a key loader")
+        self.load_keys = load_keys
+        self.keyring = Keyring() if cfg.auth_required else None
         self.batcher = CoordinatedBatcher(cfg.policy)
         self.tracker = OffsetTracker()
         self.stopping = asyncio.Event()
@@ -122,18 +132,20 @@ class Worker:
     # ------------------------------------------------------------ lifecycle
     async def run(self) -> None:
         cfg = self.cfg
-        self.producer = AIOKafkaProducer(bootstrap_servers=cfg.bootstrap, enable_idempotence=True, acks="all",
+        self.producer = AIOKafkaProducer(bootstrap_servers=cfg.bootstrap, **cfg.kafka, enable_idempotence=True, acks="all",
                                          linger_ms=cfg.produce_linger_ms, max_batch_size=cfg.produce_max_batch_bytes,
                                          max_request_size=max(4 << 20, cfg.produce_max_batch_bytes),
                                          request_timeout_ms=30000, client_id=f"flock-worker-{cfg.worker_id}{cfg.client_suffix}")
-        self.consumer = AIOKafkaConsumer(bootstrap_servers=cfg.bootstrap, group_id=cfg.group_id,
+        self.consumer = AIOKafkaConsumer(bootstrap_servers=cfg.bootstrap, **cfg.kafka, group_id=cfg.group_id,
                                          enable_auto_commit=False, auto_offset_reset="earliest",
                                          max_partition_fetch_bytes=2 << 20, isolation_level="read_uncommitted",
                                          client_id=f"flock-worker-{cfg.worker_id}{cfg.client_suffix}")
         await self.producer.start()
         await self.consumer.start()
         self.sender = ReplySender(self.producer, self.tracker, self.metrics, self.crash, cfg.requests_topic,
-                                  cfg.replies_topic, cfg.dlq_topic)
+                                  cfg.replies_topic, cfg.dlq_topic, tenant_reply_prefix=cfg.tenant_reply_prefix)
+        if self.keyring is not None:  # keys before the first request, or every request is refused
+            await self._reload_keys(initial=True)
         tps = [TopicPartition(cfg.requests_topic, p) for p in cfg.partitions]
         self.consumer.assign(tps)  # manual assignment: ownership comes from config/manager leases
         self.ownership.consumer = self.consumer
@@ -148,6 +160,8 @@ class Worker:
         loops = [self._intake_loop(), self._batch_loop(), self._commit_loop(), self._lag_loop()]
         if self.active_versions is not None:
             loops.append(self._version_loop())
+        if self.keyring is not None:
+            loops.append(self._keys_loop())
         runners = [asyncio.create_task(c) for c in loops]
         try:
             await self.stopping.wait()
@@ -200,8 +214,10 @@ class Worker:
                 break
             good: list[Work] = []
             rejected: list[tuple[Work, list]] = []
+            signed: list[tuple[Work, Any]] = []
             now = time.monotonic()
             track, decode, crash = self.tracker.track, InferRequest.decode, self.crash
+            keyring = self.keyring
             for tp, recs in records.items():
                 p = tp.partition
                 if not self.ownership.fetchable(p):
@@ -215,8 +231,21 @@ class Worker:
                     except WireError as exc:
                         rejected.append((w, self._reject(w, exc, rec)))
                         continue
-                    good.append(w)
+                    if keyring is None:
+                        good.append(w)
+                    else:
+                        signed.append((w, rec))
             st.add("decode", t0)
+            if signed:  # tenant signatures, before any compute (own stage: its cost per request)
+                t0 = thread_time()
+                check, now_s = keyring.check, time.time()
+                for w, rec in signed:
+                    why = check(w.request.tenant_id, rec.value, rec.headers, now_s)
+                    if why is None:
+                        good.append(w)
+                    else:
+                        rejected.append((w, self._unauthenticated(w, why, rec)))
+                st.add("auth", t0)
             errors: list[tuple[Work, InferReply]] = []
             if good:
                 ids = await loop.run_in_executor(self._cpu, self._tokenise, [w.request for w in good])
@@ -267,16 +296,33 @@ class Worker:
         reply address could be read."""
         source = f"{self.cfg.requests_topic}/{w.partition}/{w.offset}"
         sends = []
+        if exc.tenant_id is not None and self.keyring is not None and \
+                self.keyring.check(exc.tenant_id, rec.value, rec.headers) is not None:
+            exc.tenant_id = None  # unsigned: no reply in that tenant's name, the DLQ record only
         if exc.code is ErrorCode.MALFORMED or exc.request_id is None or exc.tenant_id is None:
             sends.append((self.cfg.dlq_topic, rec.value, rec.key, dlq_headers(rec.headers, f"{exc.code.value}: {exc}", source, rec.value or b"")))
             self.metrics.dlq.labels(exc.code.value).inc()
         if exc.request_id is not None and exc.tenant_id is not None:
             reply = InferReply.error(exc.code, exc.message, request_id=exc.request_id, tenant_id=exc.tenant_id,
                                      worker_id=self.cfg.worker_id)
-            topic = exc.reply_to or self.cfg.replies_topic
+            topic = self.sender.topic_for(exc.tenant_id, exc.reply_to)
             sends.append((topic, reply.encode(), exc.tenant_id.encode(), reply.headers()))
         w.status = exc.code.value
         return sends
+
+    def _unauthenticated(self, w: Work, why: str, rec: Any) -> list:
+        """A DLQ record (original bytes and headers) and an ``unauthenticated`` reply to the
+        tenant's own reply topic, never to the request's reply_to (the request is not trusted)."""
+        req = w.request
+        self.metrics.auth_failures.labels(why).inc()
+        self.metrics.dlq.labels(ErrorCode.UNAUTHENTICATED.value).inc()
+        source = f"{self.cfg.requests_topic}/{w.partition}/{w.offset}"
+        reply = InferReply.error(ErrorCode.UNAUTHENTICATED, f"request not authenticated: {why}",
+                                 request_id=req.request_id, tenant_id=req.tenant_id, worker_id=self.cfg.worker_id)
+        w.status = ErrorCode.UNAUTHENTICATED.value
+        return [(self.cfg.dlq_topic, rec.value, rec.key,
+                 dlq_headers(rec.headers, f"{ErrorCode.UNAUTHENTICATED.value}: {why}", source)),
+                (self.sender.topic_for(req.tenant_id, None), reply.encode(), req.tenant_id.encode(), reply.headers())]
 
     def _error(self, w: Work, code: ErrorCode, message: str) -> tuple[Work, InferReply]:
         req = w.request
@@ -469,6 +515,22 @@ class Worker:
                     continue
                 self._lag[p] = max(0, hw - pos)
                 self.metrics.lag.labels(str(p)).set(self._lag[p])
+
+    async def _reload_keys(self, initial: bool = False) -> None:
+        try:
+            rows = await asyncio.get_running_loop().run_in_executor(None, self.load_keys)
+        except Exception as exc:  # noqa: BLE001 - keep serving with the keys already held
+            if initial:
+                raise
+            log.warning("tenant keys not refreshed (keeping %d): %s", len(self.keyring), exc)
+            return
+        self.keyring.replace(rows)
+        self.metrics.auth_keys.set(len(rows))
+
+    async def _keys_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.auth_keys_poll_s)
+            await self._reload_keys()
 
     async def _version_loop(self) -> None:
         await follow_active_versions(self.active_versions, self.engine.invalidate, self.cfg.version_poll_s)

@@ -294,3 +294,30 @@ def test_a_retried_job_can_succeed(train_env, sessions, unique):
     assert _run_trainer(1) == 1
     row = JobTable().get(job.job_id)
     assert row.state == "succeeded" and row.attempts == 2 and row.adapter_version == 1, row
+
+
+def test_data_from_a_large_object_and_a_file(train_env, sessions, unique, tmp_path, database_url):
+    """pg-lo://<oid> training data and a CSV validation file (format from the suffix)."""
+    from workers.db import sync_engine
+    from workers.trainer.jobs import JobTable, submit
+
+    raw = sync_engine(database_url).raw_connection()
+    try:
+        lo = raw.lobject(0, "wb")
+        lo.write("\n".join(json.dumps(r) for r in ROWS).encode())
+        oid = lo.oid
+        lo.close()
+        raw.commit()
+    finally:
+        raw.close()
+    val = tmp_path / "val.csv"
+    val.write_text("text,label\nwhat a great film,pos\nwhat a dull film,neg\n")
+    tenant = _tenant(sessions, f"jobs-lo-{unique}")
+    job = TrainJob(job_id=f"lo-{unique}", tenant_id=tenant, pet_type="bitfit", options=FAST,
+                   data={"uri": f"pg-lo://{oid}"}, validation={"uri": f"file://{val}"})
+    asyncio.run(submit(job))
+    assert _run_trainer(1) == 1
+    row = JobTable().get(job.job_id)
+    assert row.state == "succeeded", row
+    assert row.data_source == f"pg-lo://{oid}" and row.spec["validation"] == f"file://{val}"
+    assert sum(v["support"] for v in row.metrics["per_label"].values()) == 2  # evaluated on the file

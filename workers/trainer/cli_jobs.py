@@ -31,17 +31,17 @@ def trainer(device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N (where
 
 
 def _detail(r: Any) -> str:
-    """One short cell: progress while running, metrics when done, the reason when failed."""
+    """One short cell (the list fits 80 columns): progress while running, accuracy / macro-F1
+    when done, the failure code when failed (`job show` has the reason)."""
     if r.state == "running" and r.progress:
         p = r.progress
-        s = f"ep {p.get('epoch', '?')}/{p.get('epochs', '?')} step {p.get('step', '?')}/{p.get('steps', '?')}"
-        return s + (f" loss {p['loss']:.3f}" if isinstance(p.get("loss"), (int, float)) else "")
+        s = f"ep {p.get('epoch', '?')}/{p.get('epochs', '?')} {p.get('step', '?')}/{p.get('steps', '?')}"
+        return s + (f" L{p['loss']:.2f}" if isinstance(p.get("loss"), (int, float)) else "")
     if r.state == "succeeded" and r.metrics:
-        m = r.metrics
-        return " ".join(f"{k} {m[k]:.3f}" for k in ("accuracy", "macro_f1") if isinstance(m.get(k), (int, float)))
+        acc, f1 = r.metrics.get("accuracy"), r.metrics.get("macro_f1")
+        return f"acc {acc:.2f} F1 {f1:.2f}" if isinstance(acc, float) and isinstance(f1, float) else ""
     if r.state == "failed":
-        text = f"{r.code}: {r.reason}" if r.code else (r.reason or "")
-        return text if len(text) <= 30 else text[:29] + "…"
+        return r.code or "failed"
     return ""
 
 

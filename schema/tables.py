@@ -7,6 +7,7 @@ autogenerate finds no drift between the two.
 from __future__ import annotations
 
 from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (BigInteger, Boolean, CheckConstraint, DateTime, Float, ForeignKey, Index, Integer,
@@ -22,14 +23,43 @@ NAMING = {"ix": "ix_%(column_0_label)s", "uq": "uq_%(table_name)s_%(column_0_nam
           "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
           "pk": "pk_%(table_name)s"}
 
-ADAPTER_STATES = ("ready", "retired")
-WORKER_STATES = ("starting", "serving", "draining", "stopped", "dead")
-LEASE_STATES = ("active", "releasing", "released")
+
+
+class AdapterStatus(StrEnum):
+    READY = "ready"
+    RETIRED = "retired"
+
+
+class WorkerState(StrEnum):
+    """A worker's lifecycle (docs/manager.md). A new state: add it here and write a migration
+    for the check constraint."""
+
+    STARTING = "starting"
+    SERVING = "serving"
+    DRAINING = "draining"  # an operator asked for its partitions to move off; it keeps serving
+    STOPPED = "stopped"
+    DEAD = "dead"  # missed heartbeats for FLOCK_WORKER_TIMEOUT_S
+
+
+# Live: still running, its load counts. Accepting: may be given partitions.
+LIVE_WORKER_STATES = (WorkerState.STARTING, WorkerState.SERVING, WorkerState.DRAINING)
+ACCEPTING_WORKER_STATES = (WorkerState.STARTING, WorkerState.SERVING)
+
+
+class LeaseState(StrEnum):
+    ACTIVE = "active"
+    RELEASING = "releasing"  # hand-over: the target is ready, the source drains and commits
+    RELEASED = "released"
+
+
+ADAPTER_STATES = tuple(AdapterStatus)
+WORKER_STATES = tuple(WorkerState)
+LEASE_STATES = tuple(LeaseState)
 JOB_STATES = ("queued", "running", "succeeded", "failed")
 
 
 def _in(col: str, values: tuple[str, ...]) -> str:
-    return f"{col} IN ({', '.join(repr(v) for v in values)})"
+    return f"{col} IN ({', '.join(repr(str(v)) for v in values)})"
 
 
 class Base(DeclarativeBase):
@@ -43,8 +73,23 @@ class Tenant(Base):
     # The adapter version requests are served with; NULL until the first import.
     active_version: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now(),
+                                                 onupdate=func.now())
     __table_args__ = (CheckConstraint("tenant_id ~ '^[a-z0-9][a-z0-9._-]{0,62}$'", name="tenant_id_format"),)
+
+
+class TenantChange(Base):
+    """Change log of ``tenants``: one row per created or deleted tenant and per switch of its
+    active version, written by a trigger (migration 0005) whatever wrote the tenant. Workers
+    follow it with a cursor instead of re-reading every tenant (serving/adapter_source.py)."""
+
+    __tablename__ = "tenant_changes"
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    tenant_id: Mapped[str] = mapped_column(String(63))
+    active_version: Mapped[int | None] = mapped_column(Integer)
+    deleted: Mapped[bool] = mapped_column(Boolean, server_default="false")
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    __table_args__ = (Index("ix_tenant_changes_at", "at"),)
 
 
 class AdapterBlob(Base):
@@ -68,7 +113,7 @@ class Adapter(Base):
     sha256: Mapped[str] = mapped_column(String(64))  # blob key in whichever backend holds it
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     storage: Mapped[str] = mapped_column(String(16), server_default="postgres")
-    status: Mapped[str] = mapped_column(String(16), server_default="ready")
+    status: Mapped[str] = mapped_column(String(16), server_default=AdapterStatus.READY.value)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     __table_args__ = (
         UniqueConstraint("tenant_id", "version", name="uq_adapters_tenant_version"),
@@ -85,7 +130,7 @@ class Worker(Base):
     host: Mapped[str] = mapped_column(String(255))
     device: Mapped[str] = mapped_column(String(64))
     capacity: Mapped[float] = mapped_column(Float, server_default="1.0")  # relative tokens/s
-    state: Mapped[str] = mapped_column(String(16), server_default="starting")
+    state: Mapped[str] = mapped_column(String(16), server_default=WorkerState.STARTING.value)
     heartbeat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     metrics: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default="{}")
@@ -102,9 +147,10 @@ class PartitionLease(Base):
     partition: Mapped[int] = mapped_column(Integer, primary_key=True)
     worker_id: Mapped[str | None] = mapped_column(ForeignKey("workers.worker_id", ondelete="SET NULL"))
     epoch: Mapped[int] = mapped_column(BigInteger, server_default="0")
-    state: Mapped[str] = mapped_column(String(16), server_default="released")
+    state: Mapped[str] = mapped_column(String(16), server_default=LeaseState.RELEASED.value)
     expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now(),
+                                                 onupdate=func.now())
     # Hand-over in progress: the target; it prefetches hot_tenants, then flips state to 'releasing'.
     next_worker_id: Mapped[str | None] = mapped_column(ForeignKey("workers.worker_id", ondelete="SET NULL"))
     handover_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -124,7 +170,8 @@ class TenantRoute(Base):
     __tablename__ = "tenant_routes"
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.tenant_id", ondelete="CASCADE"), primary_key=True)
     partitions: Mapped[list[int]] = mapped_column(JSONB)
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now(),
+                                                 onupdate=func.now())
 
 
 class AuditEvent(Base):
@@ -164,7 +211,8 @@ class TrainingJob(Base):
     reason: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now(),
+                                                 onupdate=func.now())
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     __table_args__ = (
         CheckConstraint(_in("state", JOB_STATES), name="state"),

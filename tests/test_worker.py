@@ -192,3 +192,44 @@ def test_backpressure_bounds_unreplied_requests(kafka_bootstrap, database_url, t
         assert peak is not None and peak <= 2 * high, f"{peak} unreplied requests held (high water {high})"
     finally:
         assert w.terminate() == 0
+
+
+def test_adapter_upgrade_reaches_the_worker_within_the_poll_bound(kafka_bootstrap, sessions, topics, worker, tenants, tag):
+    """With thousands of tenants registered, a new active version of one tenant is served within
+    FLOCK_VERSION_POLL_S (+ a batch) of its import; the worker follows the change log
+    (tests/test_versions.py asserts the poll reads no tenants table)."""
+    from schema.tables import Tenant
+    from tests.adapter_factory import MINILM, random_delta
+    from workers.adapters.store import AdapterStore, make_backend
+    from workers.config import Settings
+    from workers.models import base_dims
+
+    with sessions.begin() as s:
+        s.execute(Tenant.__table__.insert(), [{"tenant_id": f"{tag}-idle-{i:04d}"} for i in range(3000)])
+    t = tenants[0]
+    store = AdapterStore(sessions, make_backend("postgres", None))
+    rec = store.record(t)
+    asked = InferRequest(tenant_id=t, text="before the upgrade")
+    asyncio.run(produce(kafka_bootstrap, topics.requests, [asked]))
+    got = asyncio.run(collect(kafka_bootstrap, topics.replies, lambda rs: any(r.request_id == asked.request_id for r in rs)))
+    assert [r.adapter_version for r in got if r.request_id == asked.request_id] == [rec.version]
+
+    config = {**rec.config, "labels": ["up", "down", "flat", "new"]}
+    tensors = random_delta(rec.pet_type, config, base_dims(MINILM), seed=77)
+    if rec.pet_type == "ia3":
+        tensors = {k: (1 + v if k.endswith(".scale") else v) for k, v in tensors.items()}
+    new = store.import_tensors(t, rec.pet_type, config, tensors, MINILM)
+    upgraded_at = time.monotonic()
+    bound = Settings().version_poll_s + 5.0
+    while True:
+        probe = InferRequest(tenant_id=t, text="after the upgrade")
+        asyncio.run(produce(kafka_bootstrap, topics.requests, [probe]))
+        reply = [r for r in asyncio.run(collect(kafka_bootstrap, topics.replies,
+                                                lambda rs: any(r.request_id == probe.request_id for r in rs)))
+                 if r.request_id == probe.request_id][0]
+        if reply.adapter_version == new.version:
+            break
+        assert reply.adapter_version == rec.version
+        assert time.monotonic() - upgraded_at < bound, worker.log_tail()
+        time.sleep(0.5)
+    assert reply.status is ErrorCode.OK and len(reply.outputs["scores"]) == 4

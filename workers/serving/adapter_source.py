@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import logging
 
-from sqlalchemy import select
+import time
+from datetime import timedelta
+
+from sqlalchemy import delete, func, or_, select
 from sqlalchemy.exc import SQLAlchemyError
 
-from schema.tables import Tenant
+from schema.tables import Tenant, TenantChange
 from workers.adapters.store import AdapterCorrupt, AdapterNotFound, AdapterStore, TenantNotFound
 from workers.engine.batch import TenantDelta
 from workers.engine.errors import AdapterLoadError, UnknownTenant
@@ -47,7 +50,58 @@ class StoreLoader:
                            config=rec.config, tensors=d.tensors)
 
 
-def active_versions(store: AdapterStore) -> dict[str, int | None]:
-    """tenant -> active adapter version, to spot upgrades and drop stale residents."""
-    with store.sessions() as s:
-        return dict(s.execute(select(Tenant.tenant_id, Tenant.active_version)).all())
+class VersionFeed:
+    """Tenants whose active adapter version switched (or who were created or deleted), read from
+    the ``tenant_changes`` log after a cursor: a poll costs an index range scan over what changed
+    since the last one, however many tenants are registered.
+
+    Sequence values are taken when a row is written but become visible when its transaction
+    commits, so an id below the cursor can appear late; ids skipped over are re-asked for until
+    ``gap_ttl_s`` has passed (a rolled-back write leaves a permanent gap). When the log was pruned
+    past the cursor (a worker away for longer than ``retention_s``) one full read stands in."""
+
+    def __init__(self, store: AdapterStore, *, retention_s: float = 86400.0, gap_ttl_s: float = 300.0,
+                 batch: int = 10000):
+        self.sessions = store.sessions
+        self.retention_s = retention_s
+        self.gap_ttl_s = gap_ttl_s
+        self.batch = batch
+        self.cursor: int | None = None
+        self.gaps: dict[int, float] = {}  # id -> monotonic time first missed
+        self._pruned_at = 0.0
+
+    def changes(self) -> list[tuple[str, int | None]]:
+        """(tenant, its active version or None) for every change since the last call."""
+        log_ = TenantChange.__table__.c
+        with self.sessions() as s:
+            if self.cursor is None:  # a starting worker holds nothing yet: only what follows matters
+                self.cursor = s.scalar(select(func.coalesce(func.max(log_.id), 0)))
+                return []
+            oldest = s.scalar(select(func.min(log_.id)))
+            if self.cursor and oldest is not None and oldest > self.cursor + 1:
+                self.cursor = s.scalar(select(func.max(log_.id)))
+                self.gaps.clear()
+                return [tuple(r) for r in s.execute(select(Tenant.tenant_id, Tenant.active_version)).all()]
+            cond = log_.id > self.cursor
+            if self.gaps:
+                cond = or_(cond, log_.id.in_(list(self.gaps)))
+            rows = s.execute(select(log_.id, log_.tenant_id, log_.active_version)
+                             .where(cond).order_by(log_.id).limit(self.batch)).all()
+            self._prune(s)
+        now = time.monotonic()
+        for i, *_ in rows:
+            self.gaps.pop(i, None)
+        news = [i for i, *_ in rows if i > self.cursor]
+        if news:
+            for missing in set(range(self.cursor + 1, news[-1])) - set(news):
+                self.gaps.setdefault(missing, now)
+            self.cursor = news[-1]
+        self.gaps = {i: t for i, t in self.gaps.items() if now - t < self.gap_ttl_s}
+        return [(t, v) for _, t, v in rows]
+
+    def _prune(self, s) -> None:
+        if time.monotonic() - self._pruned_at < 3600:
+            return
+        self._pruned_at = time.monotonic()
+        s.execute(delete(TenantChange).where(TenantChange.at < func.now() - timedelta(seconds=self.retention_s)))
+        s.commit()

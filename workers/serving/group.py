@@ -106,12 +106,12 @@ class WorkerGroup:
     """Supervises the edges and hosts the engine for them; the agent's ``ServingWorker``."""
 
     def __init__(self, s: Settings, engine: Any, partitions: list[int], n_edges: int, metrics: WorkerMetrics,
-                 active_versions=None, max_inflight: int = 2):
+                 version_changes=None, max_inflight: int = 2):
         self.s = s
         self.engine = engine
         self.partitions = partitions
         self.metrics = metrics
-        self.active_versions = active_versions
+        self.version_changes = version_changes
         self.stopping = asyncio.Event()
         self.max_inflight = max_inflight
         n = max(1, min(n_edges, len(partitions)))
@@ -205,7 +205,7 @@ class WorkerGroup:
         for e in self.edges:
             await self._spawn(e)
         self._spawn_task(self._merge_loop())
-        if self.active_versions is not None:
+        if self.version_changes is not None:
             self._spawn_task(self._version_loop())
         log.info("worker group: %d edge processes over partitions %s", len(self.edges),
                  {e.index: e.partitions for e in self.edges})
@@ -384,4 +384,4 @@ class WorkerGroup:
         self.metrics.stage_cpu.add("engine", t0)
 
     async def _version_loop(self) -> None:
-        await follow_active_versions(self.active_versions, self.engine.invalidate, self.s.version_poll_s)
+        await follow_active_versions(self.version_changes, self.engine.invalidate, self.s.version_poll_s)

@@ -15,11 +15,11 @@ from workers.auth import key_loader
 from workers.db import session_factory
 from workers.kafka_conn import kafka_options
 from workers.models import resolve_model_dir
-from workers.serving.adapter_source import StoreLoader, active_versions
+from workers.serving.adapter_source import StoreLoader, VersionFeed
 from workers.serving.batcher import BatchPolicy
 from workers.serving.http import serve_http
 from workers.serving.group import WorkerGroup, edge_count
-from workers.serving.metrics import WorkerMetrics, merge_exposition
+from workers.serving.metrics import EngineChoicesCollector, WorkerMetrics, merge_exposition
 from workers.serving.tokens import IntakeTokenizer
 from workers.serving.worker import Worker, WorkerConfig
 
@@ -51,24 +51,25 @@ def keys_for(s: Settings):
 def build_engine(s: Settings, store: AdapterStore):
     from workers.engine.runtime import Engine  # the only place the data plane meets torch
 
+    from workers.engine.options import EngineOptions
     from workers.engine.pool import PoolConfig
 
     model_dir = resolve_model_dir(s.default_base_model, s.models_dir)
     device = None if s.device == "auto" else s.device
     pool = PoolConfig(device_bytes=s.adapter_device_bytes, host_bytes=s.adapter_host_bytes,
                       default_slots=s.adapter_slots, load_threads=s.adapter_load_threads)
-    return Engine(str(model_dir), StoreLoader(store, s.default_base_model), device=device,
-                  pool_config=pool), model_dir
+    engine = Engine(str(model_dir), StoreLoader(store, s.default_base_model), device=device,
+                    pool_config=pool, options=EngineOptions.from_settings(s))
+    log.info("engine on %s (%s), kernels: %s", engine.device, engine.dtype, engine.tuned_choices())
+    return engine, model_dir
 
 
 def engine_stats(engine) -> dict:
-    """Resident tenants and free adapter memory for the load report (best effort: the pool's
-    bookkeeping is internal to the engine, and a report must never break serving)."""
+    """Resident tenants and free adapter memory for the load report (best effort: a report must
+    never break serving)."""
     try:
         pool = engine.pool
-        free = pool.config.device_bytes - pool._device_used  # noqa: SLF001 - budget not yet given to banks
-        free += sum(len(pool._free.get(k, ())) * b.slot_bytes() for k, b in pool.banks.items())  # noqa: SLF001
-        return {"resident_tenants": sorted(pool.residents), "free_adapter_bytes": int(free),
+        return {"resident_tenants": sorted(pool.residents), "free_adapter_bytes": pool.free_bytes(),
                 "device_kind": engine.device.type}
     except Exception as exc:  # noqa: BLE001
         log.debug("engine stats unavailable: %s", exc)
@@ -81,14 +82,15 @@ async def run_worker(s: Settings) -> None:
     engine, model_dir = build_engine(s, store)
     n_edges = edge_count(s.edges)
     metrics = WorkerMetrics()
-    versions = lambda: active_versions(store)  # noqa: E731
+    metrics.registry.register(EngineChoicesCollector(engine.tuned_choices))
+    versions = VersionFeed(store).changes
     if n_edges == 0:  # one process: the Kafka loop next to the engine
         worker = Worker(worker_config(s), engine, IntakeTokenizer(str(model_dir), s.truncate), metrics,
-                        active_versions=versions, load_keys=keys_for(s))
+                        version_changes=versions, load_keys=keys_for(s))
         metrics_body = None
     else:  # this process hosts the engine; edge processes run the Kafka loop
         worker = WorkerGroup(s, engine, parse_partitions(s.partitions, s.request_partitions), n_edges, metrics,
-                             active_versions=versions, max_inflight=s.inflight_batches)
+                             version_changes=versions, max_inflight=s.inflight_batches)
 
         async def metrics_body() -> bytes:
             return merge_exposition([generate_latest(metrics.registry), *await worker.edge_metrics()])

@@ -93,13 +93,13 @@ class WorkerConfig:
 class Worker:
     def __init__(self, cfg: WorkerConfig, engine: EngineAPI, tokenizer: TokenizerAPI,
                  metrics: WorkerMetrics | None = None,
-                 active_versions: Callable[[], dict[str, int | None]] | None = None,
+                 version_changes: Callable[[], list[tuple[str, int | None]]] | None = None,
                  load_keys: Callable[[], list[KeyRow]] | None = None):
         self.cfg = cfg
         self.engine = engine
         self.tok = tokenizer
         self.metrics = metrics or WorkerMetrics()
-        self.active_versions = active_versions
+        self.version_changes = version_changes
         if cfg.auth_required and load_keys is None:
             raise ValueError("auth_required needs a key loader")
         self.load_keys = load_keys
@@ -158,7 +158,7 @@ class Worker:
                 "C extensions" if ext["c_extensions"] == "yes" else "pure Python (8-18x slower per record)")
         self.ready = True
         loops = [self._intake_loop(), self._batch_loop(), self._commit_loop(), self._lag_loop()]
-        if self.active_versions is not None:
+        if self.version_changes is not None:
             loops.append(self._version_loop())
         if self.keyring is not None:
             loops.append(self._keys_loop())
@@ -533,7 +533,7 @@ class Worker:
             await self._reload_keys()
 
     async def _version_loop(self) -> None:
-        await follow_active_versions(self.active_versions, self.engine.invalidate, self.cfg.version_poll_s)
+        await follow_active_versions(self.version_changes, self.engine.invalidate, self.cfg.version_poll_s)
 
     def _spawn(self, coro) -> None:
         t = asyncio.create_task(coro)

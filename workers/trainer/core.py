@@ -52,6 +52,7 @@ class TrainSpec:
     seed: int = 0
     val_split: float = 0.1  # used when no validation set is given
     val_examples: Examples | None = None
+    test_examples: Examples | None = None  # scored once at the end (metrics["test"]); never used to select
     patience: int | None = None  # early stopping: epochs without a better val macro-F1
     device: str = "cpu"
     max_steps: int | None = None  # cap on optimiser steps per phase (tests, quick runs)
@@ -192,8 +193,9 @@ def train(base_model_id: str, examples: Examples, spec: TrainSpec, progress: Pro
         raise ValueError("epochs and batch size must be >= 1, max length >= 8")
     labels = list(spec.labels) if spec.labels else sorted(examples.label_set())
     examples.check_labels(labels)
-    if spec.val_examples is not None:
-        spec.val_examples.check_labels(labels)
+    for extra in (spec.val_examples, spec.test_examples):
+        if extra is not None:
+            extra.check_labels(labels)
     if len(labels) < 2:
         raise TrainDataError(f"training needs at least 2 distinct labels, the data has {labels}")
     cfg, opts = layout_config(spec, labels)
@@ -221,6 +223,7 @@ def train(base_model_id: str, examples: Examples, spec: TrainSpec, progress: Pro
     label_ix = {y: k for k, y in enumerate(labels)}
     tr_ids, tr_tts, tr_y = _tokenize(tok, train_ex, label_ix, spec.max_length)
     va_ids, va_tts, va_y = _tokenize(tok, val_ex, label_ix, spec.max_length)
+    te = _tokenize(tok, spec.test_examples, label_ix, spec.max_length) if spec.test_examples is not None else None
 
     def batch_of(ids, tts, rows):
         return Batch([ids[i] for i in rows], [tts[i] for i in rows] if tts is not None else None)
@@ -241,15 +244,16 @@ def train(base_model_id: str, examples: Examples, spec: TrainSpec, progress: Pro
     steps_per_epoch = -(-n_train // spec.batch_size)
     history: list[dict[str, Any]] = []
 
-    def evaluate(final: bool = False) -> tuple[torch.Tensor, dict[str, Any]]:
+    def evaluate(final: bool = False, data=None) -> tuple[torch.Tensor, dict[str, Any]]:
+        ids, tts, ys = data or (va_ids, va_tts, va_y)
         outs = []
         with torch.no_grad():
-            for s in range(0, len(va_ids), spec.batch_size):
-                rows = list(range(s, min(s + spec.batch_size, len(va_ids))))
-                b = batch_of(va_ids, va_tts, rows)
+            for s in range(0, len(ids), spec.batch_size):
+                rows = list(range(s, min(s + spec.batch_size, len(ids))))
+                b = batch_of(ids, tts, rows)
                 outs.append((final_logits(tr, b, head) if final else tr.logits(b, head)).float().cpu())
         logits = torch.cat(outs)
-        true = target_of(va_y, range(len(va_ids))).cpu()
+        true = target_of(ys, range(len(ids))).cpu()
         keep = true != -100
         return logits, _metrics(logits[keep].argmax(-1).numpy(), true[keep].numpy(), labels)
 
@@ -313,6 +317,8 @@ def train(base_model_id: str, examples: Examples, spec: TrainSpec, progress: Pro
 
     # ---- final evaluation through the exported tensors, as served
     eval_logits, m = evaluate(final=True)
+    if te is not None:
+        m["test"] = {**evaluate(final=True, data=te)[1], "rows": len(te[0])}
     tensors = {**tr.export(), **{n: v.detach().float().cpu().contiguous() for n, v in head.t.items()}}
     if spec.pet_type == FULL:
         nbytes = tr.nbytes() + sum(v.numel() * 4 for v in head.t.values())

@@ -15,6 +15,7 @@ Writes $OUT/engine_bench.json and $OUT/engine_bench.png (OUT defaults to ./bench
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -28,7 +29,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from schema.layout import BaseDims  # noqa: E402
+from workers.config import Settings  # noqa: E402
 from workers.engine import heads  # noqa: E402
+from workers.engine.options import EngineOptions  # noqa: E402
 from workers.engine.plan import build_plan  # noqa: E402
 from workers.engine.pool import PoolConfig, Resident  # noqa: E402
 from workers.engine.runtime import Engine  # noqa: E402
@@ -137,7 +140,8 @@ class Bench:
     def ours(self):
         cfg = PoolConfig(device_bytes=(30 << 30) if not self.small else (1 << 30), host_bytes=2 << 30,
                          default_slots=512, slots={"lora:r8:q,v": self.n_lora + 256, "head:c2": self.n_lora + 4096})
-        eng = Engine(self.path, self.loader, device=self.dev, dtype=self.dtype, pool_config=cfg)
+        eng = Engine(self.path, self.loader, device=self.dev, dtype=self.dtype, pool_config=cfg,
+                     options=EngineOptions.from_settings(Settings()))  # FLOCK_LORA_FUSED etc. apply
         enc, B, S = eng.encoder, self.B, self.S
         rng = np.random.default_rng(0)
         try:
@@ -238,13 +242,12 @@ class Bench:
             lora_fwd = fwd_rate(f"Flock {self.n_lora} mixed LoRA r8 q,v (fwd)", fixed, "uniform over all tenants",
                                 profile=True)
             if enc.fast:  # the previous separate shrink / expand kernels, for comparison
-                from workers.engine.pets import lora as lora_mod
-                mode = lora_mod.FUSED_MODE
-                lora_mod.FUSED_MODE = "0"
+                opts = enc.options
+                enc.options = dataclasses.replace(opts, lora_fused="0")
                 fwd_rate(f"Flock {self.n_lora} mixed LoRA r8 q,v (fwd, separate kernels)", fixed,
                          "previous shrink + expand kernels")
-                lora_mod.FUSED_MODE = mode
-                print("  LoRA fused-vs-separate choice (us per call):", lora_mod.fused_choice_us, flush=True)
+                enc.options = opts
+                print("  LoRA fused-vs-separate choice (us per call):", enc.tuned.lora_fused_us, flush=True)
             if enc.fast:  # both LoRA paths, keep the faster one for the rest of the run
                 first = enc.lora_into_gemm
                 enc.lora_into_gemm = not first
@@ -285,6 +288,7 @@ class Bench:
                           for b in mix]
             fwd_rate("Flock LoRA+adapter+BitFit+IA3 mixed (fwd)", mix_banked, "no sparse types")
         finally:
+            self.choices = eng.tuned_choices()
             eng.close()
         return base, lora_fwd, lora_e2e, real_fwd, real_e2e, mix_fwd
 
@@ -323,21 +327,10 @@ def profile_table(step, name):
             continue
 
 
-def attention_choice():
-    from workers.engine import attention
-    return attention._choice
-
-
-def lora_choice():
+def lora_choice(b):
     from workers.engine.kernels import triton_lora
-    from workers.engine.pets import lora
-    return {"mode": lora.FUSED_MODE, "fused_vs_separate": lora.fused_choice_us,
+    return {"mode": b.choices["lora_fused"], "fused_vs_separate": b.choices["tuned_lora_fused_us"],
             "fused_configs": triton_lora.fused_timings}
-
-
-def attention_timings():
-    from workers.engine import attention
-    return attention.choice_timings
 
 
 def plot(rows, path):
@@ -398,13 +391,13 @@ def main():
         json.dump({"device": dev_name, "torch": torch.__version__, "config": {"hidden": b.h, "layers": b.L,
                    "batch": b.B, "seq": b.S, "dtype": str(b.dtype), "lora_tenants": b.n_lora},
                    "rows": b.rows, "ratios": ratios, "lora_into_gemm": getattr(b, "lora_into_gemm", None),
-                   "varlen_attention": {"choice": attention_choice(), "ms": attention_timings()},
-                   "lora_fused_choice_us": lora_choice()}, f, indent=1, default=str)
+                   "varlen_attention": {"choice": b.choices["tuned_varlen"], "ms": b.choices["tuned_varlen_ms"]},
+                   "lora_fused_choice_us": lora_choice(b)}, f, indent=1, default=str)
     print("png:", plot(b.rows, os.path.join(out, "engine_bench.png")))
-    from workers.engine import attention
-    print("attention varlen path:", attention._choice, attention.choice_timings, "flash mode:", attention._mode)
+    print("attention varlen path:", b.choices["tuned_varlen"], b.choices["tuned_varlen_ms"],
+          "flash mode:", b.choices["tuned_flash_mode"])
     print("LoRA expand into GEMM:", getattr(b, "lora_into_gemm", None))
-    print("LoRA fused kernel choice:", json.dumps(lora_choice(), default=str))
+    print("LoRA fused kernel choice:", json.dumps(lora_choice(b), default=str))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from schema.layout import PET_TYPES, BaseDims  # noqa: E402
-from workers.engine.kernels import triton_available  # noqa: E402
+from workers.config import Settings  # noqa: E402
+from workers.engine.kernels import time_us, triton_available  # noqa: E402
+from workers.engine.options import EngineOptions  # noqa: E402
 from workers.engine.plan import Segments, _pad_index, _tiles  # noqa: E402
 from workers.engine.pets import segmented  # noqa: E402
 from workers.engine.pool import PoolConfig  # noqa: E402
@@ -134,11 +136,11 @@ def lora_microbench(device, out):
         y = torch.randn(T, 3 * N, device=device, dtype=torch.bfloat16)
         cols = [0, 2 * N]
         xa = segmented.shrink(x, A, seg)
-        t_shrink = tlr._time_us(lambda: segmented.shrink(x, A, seg), 20)
-        t_expand = tlr._time_us(lambda: segmented.expand_add(xa, B, seg, y, cols), 20)
-        t_old = tlr._time_us(lambda: segmented.expand_add(segmented.shrink(x, A, seg), B, seg, y, cols), 20)
+        t_shrink = time_us(lambda: segmented.shrink(x, A, seg), 20)
+        t_expand = time_us(lambda: segmented.expand_add(xa, B, seg, y, cols), 20)
+        t_old = time_us(lambda: segmented.expand_add(segmented.shrink(x, A, seg), B, seg, y, cols), 20)
         tlr.sgmv_lora_fused(x, A, B, seg.tiles, seg.n_tiles, y, cols)  # tunes
-        t_fused = tlr._time_us(lambda: tlr.sgmv_lora_fused(x, A, B, seg.tiles, seg.n_tiles, y, cols), 20)
+        t_fused = time_us(lambda: tlr.sgmv_lora_fused(x, A, B, seg.tiles, seg.n_tiles, y, cols), 20)
         gb = (T * K * 2 + T * members * N * 2 * 2) / 1e9
         r = {"tiles": seg.n_tiles, "shrink_us": t_shrink, "expand_us": t_expand, "shrink+expand_us": t_old,
              "fused_us": t_fused, "fused_TB_s": gb / (t_fused * 1e-6) / 1e3, "old_TB_s": gb / (t_old * 1e-6) / 1e3,
@@ -174,7 +176,7 @@ def engine_checks(device, small, results):
         if device == "cpu" and name != "cpu_fp32":
             dev = "cpu"
         eng = Engine(path, lambda t: deltas[t], device=dev, dtype=dt if dev != "cpu" else torch.float32,
-                     pool_config=PoolConfig(default_slots=64))
+                     pool_config=PoolConfig(default_slots=64), options=EngineOptions.from_settings(Settings()))
         try:
             runs[name] = (eng.run(batch, timeout=300), eng.encode_base(batch))
         finally:

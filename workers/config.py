@@ -12,14 +12,9 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from schema import topics
+from workers.engine.pets.registry import default_cost_weights  # torch-free
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-# Relative cost of a token by PET type (shared GEMMs cost the same; the PET op adds on top).
-# Order follows PetS's profiled beta: diff > maskbert > adapter > bitfit; measure and override
-# with FLOCK_PET_COST_WEIGHTS='{"diff": 1.4, ...}'.
-DEFAULT_PET_COST_WEIGHTS = {"lora": 1.05, "adapter": 1.10, "bitfit": 1.0, "ia3": 1.0, "diff": 1.25,
-                            "maskbert": 1.20}
 
 
 class Settings(BaseSettings):
@@ -104,6 +99,10 @@ class Settings(BaseSettings):
     adapter_device_bytes: int = 0  # 0 = a quarter of the GPU's memory (2 GiB on CPU)
     adapter_host_bytes: int = 4 << 30  # converted (pinned) copies kept on the host
     adapter_load_threads: int = 8  # cold misses load in parallel (store read, sha256, checks)
+    # Engine kernel choices (workers/engine/options.py; bench/engine.py times them on the GPU).
+    lora_into_gemm: bool = False  # LoRA expand writes into the base GEMM's output (beta = 1)
+    lora_fused: str = Field("auto", pattern="^(auto|0|1)$")  # fused LoRA shrink+expand: timed | off | on
+    varlen_attn: str = Field("auto", pattern="^(auto|triton|flash)$")  # unequal lengths: timed | kernel
     partition_high_water: int = 2000  # pause a partition with this many unreplied requests
     partition_low_water: int = 500  # and resume it below this
     commit_interval_ms: int = 200
@@ -132,7 +131,9 @@ class Settings(BaseSettings):
     rebalance_min_dwell_s: float = 30.0  # a partition stays this long with its owner before it moves again
     rebalance_cooldown_s: float = 15.0  # pause between automatic rebalances (rates settle)
     rebalance_max_moves: int = 4
-    pet_cost_weights: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_PET_COST_WEIGHTS))
+    # Relative cost of a token by PET type (the PET op on top of the shared GEMMs); defaults from
+    # each type's registry entry. Measure and override: FLOCK_PET_COST_WEIGHTS='{"diff": 1.4, ...}'.
+    pet_cost_weights: dict[str, float] = Field(default_factory=default_cost_weights)
     spread_hot_tenants: bool = True
     hot_tenant_factor: float = 1.5  # spread a tenant above this many partitions' fair share of load
 

@@ -2,12 +2,11 @@
 
 CUDA: torch's flash varlen kernel (``varlen_attn``) on strided q/k/v views of the fused QKV output,
 or plain flash SDPA when every sequence has the same length. CPU (and fallback): pad per batch,
-SDPA with a key-padding mask, unpad.
+SDPA with a key-padding mask, unpad. Which varlen kernel runs follows ``EngineOptions.varlen_attn``;
+what "auto" timed, and which flash call works on this build, is kept in the encoder's ``Tuned``.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import torch.nn.functional as F
@@ -17,18 +16,9 @@ try:  # torch >= 2.9
 except ImportError:  # pragma: no cover - older torch on the GPU box
     _varlen_attn = None
 
-_mode: str | None = None  # which CUDA varlen path works here, decided on first use
 
-# Variable lengths on CUDA (bf16/fp16): "triton" = packed-window kernel (kernels/triton_attn.py,
-# query tiles shared across short sequences), "flash" = torch's flash varlen, "auto" = time both on
-# the first varlen batch and keep the faster (FLOCK_VARLEN_ATTN overrides).
-VARLEN_IMPL = os.environ.get("FLOCK_VARLEN_ATTN", "auto")
-_choice: str | None = None
-choice_timings: dict = {}  # ms per call measured by "auto" (reported by bench/engine.py)
-
-
-def packed_attention(qkv: torch.Tensor, plan, heads: int) -> torch.Tensor:
-    """qkv: [T, 3h] (q | k | v). Returns the context [T, h]."""
+def packed_attention(qkv: torch.Tensor, plan, heads: int, options, tuned) -> torch.Tensor:
+    """qkv: [T, 3h] (q | k | v). Returns the context [T, h]. options: EngineOptions; tuned: Tuned."""
     T, h3 = qkv.shape
     h = h3 // 3
     d = h // heads
@@ -39,30 +29,29 @@ def packed_attention(qkv: torch.Tensor, plan, heads: int) -> torch.Tensor:
             qb, kb, vb = (t.view(B, L, heads, d).transpose(1, 2) for t in (q, k, v))
             return F.scaled_dot_product_attention(qb, kb, vb).transpose(1, 2).reshape(T, h)
         if qkv.dtype in (torch.float16, torch.bfloat16):
-            impl = _pick(qkv, q, k, v, plan, heads, L)
+            impl = _pick(qkv, q, k, v, plan, heads, L, options, tuned)
             if impl == "triton":
                 return _triton_varlen(qkv, plan, heads)
-            if _mode != "padded":
-                out = _cuda_varlen(q, k, v, plan.cu_seqlens, L)
+            if tuned.flash_mode != "padded":
+                out = _cuda_varlen(q, k, v, plan.cu_seqlens, L, tuned)
                 if out is not None:
                     return out.reshape(T, h)
-    elif _interpret_ok():  # tests: the Triton kernel on CPU through the interpreter
+    elif _interpret_ok(options):  # tests: the Triton kernel on CPU through the interpreter
         return _triton_varlen(qkv, plan, heads)
     return _padded_attention(q, k, v, plan, heads, d)
 
 
-def _interpret_ok() -> bool:
+def _interpret_ok(options) -> bool:
     from workers.engine.kernels import interpret, triton_available
-    return interpret() and triton_available() and VARLEN_IMPL != "flash"
+    return interpret() and triton_available() and options.varlen_attn != "flash"
 
 
 def _seq_bounds(plan):
     """[start, end) token range of each token's sequence (device, cached on the plan)."""
-    se = getattr(plan, "_attn_se", None)
-    if se is None:
+    if plan.seq_bounds is None:
         cu = plan.cu_seqlens.long()
-        se = plan._attn_se = (cu.index_select(0, plan.tok_seq), cu.index_select(0, plan.tok_seq + 1))
-    return se
+        plan.seq_bounds = (cu.index_select(0, plan.tok_seq), cu.index_select(0, plan.tok_seq + 1))
+    return plan.seq_bounds
 
 
 def _triton_varlen(qkv, plan, heads):
@@ -71,50 +60,40 @@ def _triton_varlen(qkv, plan, heads):
     return tri(qkv, s, e, heads)
 
 
-def _pick(qkv, q, k, v, plan, heads, L) -> str:
+def _pick(qkv, q, k, v, plan, heads, L, options, tuned) -> str:
     """Which varlen kernel to use; "auto" times both once (first varlen batch) and keeps the faster."""
-    global _choice
-    from workers.engine.kernels import triton_available
-    if VARLEN_IMPL == "flash" or not triton_available():
+    from workers.engine.kernels import time_us, triton_available
+    if options.varlen_attn == "flash" or not triton_available():
         return "flash"
-    if VARLEN_IMPL == "triton":
+    if options.varlen_attn == "triton":
         return "triton"
-    if _choice is None:
+    if tuned.varlen is None:
         fns = {"triton": lambda: _triton_varlen(qkv, plan, heads)}
-        if _mode != "padded":
-            fns["flash"] = lambda: _cuda_varlen(q, k, v, plan.cu_seqlens, L)
+        if tuned.flash_mode != "padded":
+            fns["flash"] = lambda: _cuda_varlen(q, k, v, plan.cu_seqlens, L, tuned)
         times = {}
         for name, fn in fns.items():
             try:
-                fn()
-                fn()
-                torch.cuda.synchronize()
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                for _ in range(5):
-                    fn()
-                b.record()
-                b.synchronize()
-                times[name] = a.elapsed_time(b) / 5
+                fn()  # first call builds / tunes; time_us makes the second warm-up call
+                times[name] = time_us(fn, 5) / 1e3
             except Exception as exc:  # a kernel that does not build here is simply not chosen
                 times[name] = float("inf")
-                choice_timings[name + "_error"] = repr(exc)[:200]
-        if "flash" in times and _mode == "padded":
+                tuned.varlen_ms[name + "_error"] = repr(exc)[:200]
+        if "flash" in times and tuned.flash_mode == "padded":
             times["flash"] = float("inf")
-        choice_timings.update(times)
-        _choice = min(times, key=times.get) if times.get("triton", float("inf")) < float("inf") else "flash"
-    return _choice
+        tuned.varlen_ms.update(times)
+        tuned.varlen = min(times, key=times.get) if times.get("triton", float("inf")) < float("inf") else "flash"
+    return tuned.varlen
 
 
-def _cuda_varlen(q, k, v, cu, L):
+def _cuda_varlen(q, k, v, cu, L, tuned):
     """Try the flash varlen paths once each (strided views, then contiguous copies); remember the winner."""
-    global _mode
     tries = []
     if _varlen_attn is not None:
         tries += [("varlen", False), ("varlen", True)]
     tries += [("aten", False), ("aten", True)]
-    if _mode is not None:
-        tries = [t for t in tries if f"{t[0]}:{t[1]}" == _mode]
+    if tuned.flash_mode is not None:
+        tries = [t for t in tries if f"{t[0]}:{t[1]}" == tuned.flash_mode]
     for name, contig in tries:
         qq, kk, vv = (t.contiguous() for t in (q, k, v)) if contig else (q, k, v)
         try:
@@ -122,11 +101,11 @@ def _cuda_varlen(q, k, v, cu, L):
                 out = _varlen_attn(qq, kk, vv, cu, cu, L, L)
             else:
                 out = torch.ops.aten._flash_attention_forward(qq, kk, vv, cu, cu, L, L, 0.0, False, False)[0]
-            _mode = f"{name}:{contig}"
+            tuned.flash_mode = f"{name}:{contig}"
             return out
         except (RuntimeError, TypeError, NotImplementedError, AttributeError):
             continue
-    _mode = "padded"  # no flash varlen on this build/GPU: padded SDPA from now on
+    tuned.flash_mode = "padded"  # no flash varlen on this build/GPU: padded SDPA from now on
     return None
 
 

@@ -11,21 +11,24 @@ from workers.engine import heads
 from workers.engine.bank import BankLayout
 from workers.engine.batch import TenantDelta
 from workers.engine.errors import AdapterLoadError
-from workers.engine.pets import adapter, bitfit, ia3, lora, sparse
 from workers.engine.pets.common import checked_tensors
-
-BANKED = {"lora": lora, "adapter": adapter, "bitfit": bitfit, "ia3": ia3}
-SPARSE = {"diff": sparse.diff_tensors, "maskbert": sparse.mask_tensors}
+from workers.engine.pets.registry import PETS
 
 
-@dataclass
-class HostDelta:
+@dataclass(eq=False)
+class TenantMeta:
+    """What a converted tenant is: shared by its host copy (HostDelta) and its device copy (Resident)."""
+
     tenant_id: str
     version: int | str
     pet_type: str
     task: str
     pooling: str
     labels: list[str]
+
+
+@dataclass
+class HostDelta(TenantMeta):
     bank_layout: BankLayout | None
     bank_tensors: dict[str, torch.Tensor] | None
     head_layout: BankLayout
@@ -61,12 +64,12 @@ def to_host(delta: TenantDelta, dims: BaseDims, dtype: torch.dtype, pin: bool, h
         head_layout = heads.bank_layout(cfg, dims)
         head_t = heads.slot_tensors(delta, t, dims, head_layout)
         bank_layout = bank_t = sp = None
-        if delta.pet_type in BANKED:
-            mod = BANKED[delta.pet_type]
-            bank_layout = mod.bank_layout(cfg, dims)
-            bank_t = _pinned_pack(mod.slot_tensors(delta, t, dims, bank_layout), dtype, pin)
+        pet = PETS[delta.pet_type]  # checked_tensors accepted it: a registered type
+        if pet.banked:
+            bank_layout = pet.ops.bank_layout(cfg, dims)
+            bank_t = _pinned_pack(pet.ops.slot_tensors(delta, t, dims, bank_layout), dtype, pin)
         else:
-            sp = _pinned_pack(SPARSE[delta.pet_type](delta, t, dims), dtype, pin)
+            sp = _pinned_pack(pet.ops.tenant_tensors(delta, t, dims), dtype, pin)
     except AdapterLoadError:
         raise
     except (KeyError, ValueError, RuntimeError, IndexError) as e:

@@ -9,6 +9,7 @@ All index arrays are built with numpy and shipped to the device in ONE host-to-d
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,7 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 
-PET_ORDER = ("lora", "adapter", "bitfit", "ia3", "diff", "maskbert", "none")
+from workers.engine.pets.registry import PETS
+
+PET_CODES = {name: k for k, name in enumerate(PETS)}  # group order = registry order; base-only last
+NONE_CODE = len(PET_CODES)
 POOL_CODES = {"cls": 0, "mean": 1, "pooler": 2}
 TILE_M = 64  # token tile of the Triton segmented kernels
 
@@ -42,7 +46,7 @@ class IndexPacker:
             host = torch.empty(n, dtype=torch.int64, pin_memory=True)
             if n:
                 np.concatenate(self._parts, out=host.numpy())
-            with torch.cuda.stream(stream) if stream is not None else _null():
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
                 dev = host.to(device, non_blocking=True)
         else:
             host = torch.from_numpy(np.concatenate(self._parts) if self._parts else np.zeros(0, np.int64))
@@ -53,14 +57,6 @@ class IndexPacker:
             off += part.size
         self._host = host  # keep the pinned source alive until the copy is done
         return out
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
 
 
 @dataclass
@@ -179,6 +175,8 @@ class BatchPlan:
     groups: list[PetGroup] = field(default_factory=list)
     heads: list[HeadGroup] = field(default_factory=list)
     layer_events: list = field(default_factory=list)  # per layer (+1 for heads): upload events to wait on
+    seq_bounds: Any = None  # ([T] start, [T] end) of each token's sequence: attention builds it on first use
+    packer: IndexPacker | None = None  # keeps the pinned index buffer alive until its copy is done
 
     @property
     def local_pos(self) -> torch.Tensor:
@@ -267,7 +265,7 @@ def _tiles(lens, slots):
 
 _BANK_CODES: dict[str, int] = {}  # bank key -> small int (grouping only; any stable order works)
 _TASK_CODES = {"seq_cls": 0, "token_cls": 1}
-_NONE_ROW = (len(PET_ORDER), -1, 0, -1, -1, -1, 0, -1, 0)
+_NONE_ROW = (NONE_CODE, -1, 0, -1, -1, -1, 0, -1, 0)
 
 
 def _bank_code(bank) -> int:
@@ -284,17 +282,12 @@ def tenant_row(r) -> tuple:
     (pet code, bank code, sort slot, slot, head bank code, head slot, n labels, task code, pool code)."""
     if r is None:
         return _NONE_ROW
-    row = getattr(r, "_plan_row", None)
-    if row is None:
+    if r.plan_row is None:
         hb = r.head_bank
-        row = (PET_ORDER.index(r.pet_type), _bank_code(r.bank), int(r.sort_slot), int(r.slot),
-               _bank_code(hb) if hb is not None else -1, int(r.head_slot) if hb is not None else -1,
-               int(r.n_labels), _TASK_CODES.get(r.task, 0), POOL_CODES.get(getattr(r, "pooling", "cls"), 0))
-        try:
-            r._plan_row = row
-        except AttributeError:  # a resident type without a __dict__: recompute next time
-            pass
-    return row
+        r.plan_row = (PET_CODES[r.pet_type], _bank_code(r.bank), int(r.sort_slot), int(r.slot),
+                      _bank_code(hb) if hb is not None else -1, int(r.head_slot) if hb is not None else -1,
+                      int(r.n_labels), _TASK_CODES.get(r.task, 0), POOL_CODES.get(r.pooling, 0))
+    return r.plan_row
 
 
 def unique_tenants(residents: list) -> tuple[list, np.ndarray]:
@@ -372,7 +365,7 @@ def build_plan(input_ids, token_type_ids, cu_seqlens, residents: list, position_
     ends = np.concatenate([cut, [B]]).astype(np.int64)
     group_handles = []
     for j, k in zip(starts.tolist(), ends.tolist()):
-        if pet[j] == len(PET_ORDER):
+        if pet[j] == NONE_CODE:
             continue
         r = uniq[ten_sorted[j]]
         g_lens = lens[j:k]
@@ -448,5 +441,5 @@ def build_plan(input_ids, token_type_ids, cu_seqlens, residents: list, position_
             hg.dense_slots, hg.dense_idx, hg.dense_back = (dev[h] for h in hh["dense"])
         if "tok" in hh:
             hg.tok_pad_idx, hg.tok_valid_flat, hg.tok_slots, hg.tok_nlabels = (dev[h] for h in hh["tok"])
-    plan._packer = pk
+    plan.packer = pk
     return plan

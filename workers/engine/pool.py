@@ -12,19 +12,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
 from schema.layout import BaseDims
 from workers.engine.bank import SlotBank
 from workers.engine.batch import TenantDelta
-from workers.engine.convert import HostDelta, to_host
+from workers.engine.convert import HostDelta, TenantMeta, to_host
 from workers.engine.errors import AdapterLoadError, EngineError, PoolExhausted, UnknownTenant
 
 Loader = Callable[[str], TenantDelta]
@@ -41,13 +42,7 @@ class PoolConfig:
 
 
 @dataclass(eq=False)
-class Resident:
-    tenant_id: str
-    version: int | str
-    pet_type: str
-    task: str
-    pooling: str
-    labels: list[str]
+class Resident(TenantMeta):
     bank: SlotBank | None
     slot: int
     head_bank: SlotBank
@@ -59,6 +54,8 @@ class Resident:
     stale: bool = False
     evicted: bool = False
     events: list | None = None  # per-layer upload events, dropped once complete
+    plan_row: tuple | None = None  # plan.tenant_row(self), computed on first use
+    info: Any = None  # runtime's TenantInfo of this resident, built on first use
 
     @property
     def bank_key(self) -> str | None:
@@ -216,7 +213,7 @@ class AdapterPool:
             return
         self.stats["uploads"] += len(items)
         L = self.dims.layers
-        ctx = torch.cuda.stream(self.upload_stream) if self._cuda else _Null()
+        ctx = torch.cuda.stream(self.upload_stream) if self._cuda else contextlib.nullcontext()
         events = []
         with ctx:
             for res, hd in items:  # non-layer tensors (heads, sparse payloads) first: tiny
@@ -368,14 +365,14 @@ class AdapterPool:
             self._evict(res)
             return True
 
+    def free_bytes(self) -> int:
+        """Device budget still free for adapters: bytes no bank holds yet plus the free slots of
+        the banks already allocated. Read without the pool lock (a load report must not wait for
+        a batch's loads): a snapshot, possibly one placement stale."""
+        free = self.config.device_bytes - self._device_used
+        return int(free + sum(len(self._free.get(k, ())) * b.slot_bytes() for k, b in list(self.banks.items())))
+
     def close(self) -> None:
         self._prefetcher.shutdown(wait=False, cancel_futures=True)
         self._loads.shutdown(wait=False, cancel_futures=True)
 
-
-class _Null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False

@@ -17,6 +17,7 @@ after the copy that used it has completed (i.e. an N-deep ring of pinned buffers
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -32,6 +33,7 @@ from workers.engine.encoder import Encoder
 from workers.engine.errors import BatchError, EngineError
 from workers.engine.kernels import interpret, triton_available
 from workers.engine.model_loading import load_base
+from workers.engine.options import EngineOptions
 from workers.engine.plan import build_plan
 from workers.engine.pool import AdapterPool, Loader, PoolConfig, Resident
 
@@ -55,28 +57,19 @@ class _InFlight:
 
 def _info(r: Resident) -> TenantInfo:
     """The TenantInfo of a resident (immutable: built once, cached on it)."""
-    info = r.__dict__.get("_tinfo")
-    if info is None:
-        info = r._tinfo = TenantInfo(r.version, r.task, r.labels)
-    return info
-
-
-class _Null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
+    if r.info is None:
+        r.info = TenantInfo(r.version, r.task, r.labels)
+    return r.info
 
 
 class Engine:
     def __init__(self, model_dir: str, load_delta: Loader, device: str | None = None,
                  dtype: torch.dtype | None = None, pool_config: PoolConfig | None = None,
-                 max_inflight: int = 2):
+                 max_inflight: int = 2, options: EngineOptions | None = None):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         base = load_base(model_dir)
-        self.encoder = Encoder(base, self.device, self.dtype)
+        self.encoder = Encoder(base, self.device, self.dtype, options)
         self.dims = base.dims
         self.pool = AdapterPool(self.dims, self.device, self.dtype, load_delta, pool_config,
                                 has_pooler=base.pooler_w is not None)
@@ -111,6 +104,17 @@ class Engine:
 
     def invalidate(self, tenant_id: str) -> None:
         self.pool.invalidate(tenant_id)
+
+    @property
+    def options(self) -> EngineOptions:
+        return self.encoder.options
+
+    def tuned_choices(self) -> dict:
+        """The kernel options and what "auto" chose so far (startup log, /metrics)."""
+        fast = self.encoder.fast
+        return {"fast_path": fast, "lora_into_gemm": self.encoder.lora_into_gemm,
+                "lora_fused": self.options.lora_fused, "varlen_attn": self.options.varlen_attn,
+                **{f"tuned_{k}": v for k, v in self.encoder.tuned.report().items()}}
 
     @torch.inference_mode()
     def encode_base(self, batch: PackedBatch) -> torch.Tensor:
@@ -168,7 +172,7 @@ class Engine:
         if not all(ok):  # drop failed tenants' sequences from the compute
             seqs = np.flatnonzero(np.asarray(ok)[row_t])
             ress = [r if k else None for r, k in zip(ress, ok)]
-        copy_ctx = torch.cuda.stream(self.copy_stream) if self._cuda else _Null()
+        copy_ctx = torch.cuda.stream(self.copy_stream) if self._cuda else contextlib.nullcontext()
         with copy_ctx:
             plan = build_plan(b.input_ids, b.token_type_ids, b.cu_seqlens, ress, self.encoder.base.position_offset,
                               self.device, self._want_tiles, tenant_index=row_t, seqs=seqs)
@@ -178,7 +182,7 @@ class Engine:
         plan.layer_events = self.pool.layer_events(job.residents)
         job.plan = plan
         job.t_prep = time.perf_counter()
-        comp_ctx = torch.cuda.stream(self.compute_stream) if self._cuda else _Null()
+        comp_ctx = torch.cuda.stream(self.compute_stream) if self._cuda else contextlib.nullcontext()
         with comp_ctx:
             if self._cuda:
                 self.compute_stream.wait_event(copied)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from schema.layout import LINEAR_SITES, BaseDims
 from workers.engine import heads
-from workers.engine.pets import adapter, bitfit, ia3, lora
+from workers.engine.pets.registry import PETS
 
 BERT_BASE = BaseDims(hidden=768, intermediate=3072, layers=12, heads=12)
 
@@ -13,18 +13,13 @@ def bytes_per_tenant(pet_type: str, cfg: dict, dims: BaseDims = BERT_BASE, elem_
                      density: float = 0.01) -> int:
     """Device bytes of one tenant. diff: nonzeros at ``density`` (int64 col + int64 in + value);
     maskbert: 1 bit per weight of each masked site. Includes the task head slot."""
+    if pet_type not in PETS:
+        raise ValueError(pet_type)
     head = heads.bank_layout(cfg, dims).slot_elems() * elem_bytes
-    mods = {"lora": lora, "adapter": adapter, "bitfit": bitfit, "ia3": ia3}
-    if pet_type in mods:
-        return mods[pet_type].bank_layout(cfg, dims).slot_elems() * elem_bytes + head
-    layers = len(cfg.get("layers") or range(dims.layers))
-    sites = cfg.get("sites", list(LINEAR_SITES))
-    weights = sum(dims.site_shape(s)[0] * dims.site_shape(s)[1] for s in sites) * layers
-    if pet_type == "diff":
-        return int(weights * density) * (8 + 8 + elem_bytes) + head
-    if pet_type == "maskbert":
-        return (weights + 7) // 8 + head
-    raise ValueError(pet_type)
+    pet = PETS[pet_type]
+    if pet.banked:
+        return pet.ops.bank_layout(cfg, dims).slot_elems() * elem_bytes + head
+    return pet.ops.tenant_bytes(cfg, dims, elem_bytes, density) + head
 
 
 def table(dims: BaseDims = BERT_BASE) -> list[tuple[str, int]]:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from time import thread_time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, InfoMetricFamily
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -54,6 +55,20 @@ class WorkerMetrics:
         self.reply_to_refused = Counter("flock_reply_to_refused_total", "Requests whose reply_to named a topic "
                                         "the tenant does not own (replied to its own topic instead)", registry=r)
         r.register(CPUCollector(self.stage_cpu, engine_in_process))
+
+
+class EngineChoicesCollector:
+    """``flock_engine_kernels_info``: the engine's kernel options and what its auto-tuning chose
+    (``Engine.tuned_choices()``), read at each scrape since choices are made on first batches."""
+
+    def __init__(self, choices) -> None:
+        self.choices = choices
+
+    def collect(self):
+        m = InfoMetricFamily("flock_engine_kernels", "Engine kernel options and the choices auto-tuning made")
+        m.add_metric([], {k: v if isinstance(v, str) else json.dumps(v, sort_keys=True, default=str)
+                          for k, v in self.choices().items()})
+        yield m
 
 
 # --------------------------------------------------------------------------- CPU accounting

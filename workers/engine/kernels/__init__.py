@@ -21,3 +21,17 @@ def triton_available() -> bool:
 def interpret() -> bool:
     """TRITON_INTERPRET=1: run the Triton fast path on CPU tensors (numpy interpreter; tests only)."""
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def time_us(fn, reps: int = 10) -> float:
+    """Microseconds per call of ``fn`` on the current CUDA stream (one warm-up call first)."""
+    import torch
+    fn()
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(reps):
+        fn()
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b) * 1e3 / reps

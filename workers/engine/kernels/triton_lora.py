@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from workers.engine.kernels import time_us
 from workers.engine.plan import TILE_M
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -356,18 +357,6 @@ def fused_ok(A: torch.Tensor, B: torch.Tensor) -> bool:
     return A.shape[1] <= FUSED_MAX_R and A.shape[1] == B.shape[1] * B.shape[3]
 
 
-def _time_us(fn, reps: int = 10) -> float:
-    fn()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(reps):
-        fn()
-    b.record()
-    b.synchronize()
-    return a.elapsed_time(b) * 1e3 / reps
-
-
 def sgmv_lora_fused(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, tiles: torch.Tensor, n_tiles: int,
                     y: torch.Tensor, cols: list[int], config: tuple | None = None) -> None:
     """y[:, cols[m] + j] += (x @ A[slot]^T)[:, m*RB:(m+1)*RB] @ B[slot, m]^T, shrink and expand in one kernel.
@@ -414,7 +403,7 @@ def _tune_fused(key, launch, y) -> tuple:
     times = {}
     for cfg in FUSED_CONFIGS:
         try:
-            times[cfg] = _time_us(lambda: launch(cfg, scratch))
+            times[cfg] = time_us(lambda: launch(cfg, scratch))
         except Exception as exc:  # a config that does not build here is simply not chosen
             times[cfg] = float("inf")
             fused_timings.setdefault("errors", []).append(repr(exc)[:160])

@@ -45,7 +45,7 @@ def slot_tensors(delta: TenantDelta, t: dict[str, torch.Tensor], dims: BaseDims,
     return out
 
 
-def apply(group, layer: int, placement: str, hidden: torch.Tensor) -> None:
+def output(group, layer: int, placement: str, hidden: torch.Tensor) -> None:
     """In place on hidden[group rows]: h + up(act(down(h)))."""
     bank = group.bank
     dw = bank.get(f"{placement}.down_w")

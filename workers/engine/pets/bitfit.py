@@ -40,7 +40,12 @@ def slot_tensors(delta: TenantDelta, t: dict[str, torch.Tensor], dims: BaseDims,
     return out
 
 
-def apply_bias(group, layer: int, site_group: str, y: torch.Tensor, act: str = "none") -> None:
+def linear_touches(group, site_group: str) -> bool:
+    return True
+
+
+def linear(group, layer: int, site_group: str, x: torch.Tensor, y: torch.Tensor, base_layer=None, enc=None,
+           act: str = "none") -> None:
     """y[rows] += bias delta[slot]; act (fast path only: "gelu_tanh") then runs on every row of y."""
     seg = group.seg
     bias = group.bank.get(f"bias.{site_group}")[:, layer]

@@ -32,6 +32,12 @@ def layers_of(cfg: dict, dims: BaseDims) -> list[int]:
     return sorted(cfg.get("layers") or range(dims.layers))
 
 
+def weight_count(cfg: dict, dims: BaseDims, default_sites) -> int:
+    """Base weights under a per-tenant delta (``sites`` x ``layers``): what its size scales with."""
+    per_layer = sum(dims.site_shape(s)[0] * dims.site_shape(s)[1] for s in cfg.get("sites", default_sites))
+    return per_layer * len(layers_of(cfg, dims))
+
+
 def cells_of(cfg: dict, dims: BaseDims, entries: list[str]) -> list[tuple[int, str]]:
     """(layer, entry) cells of a LoRA / IA3 delta (``site_layers`` or ``sites`` x ``layers``)."""
     try:

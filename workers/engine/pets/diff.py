@@ -1,24 +1,21 @@
-"""Diff-pruning and MaskBERT: per-tenant ops on the tenant's own contiguous rows.
-
-Diff-pruning: W' = W + dense(dW) with dW given as flat row-major (out, in) indices + values, plus
-optional bias deltas. Computed sparsely: y[:, o] += sum over nonzeros x[:, i] * v (fp32 accumulate).
-MaskBERT: W' = W * M, M unpacked from little-endian packed bits. The masked rows are recomputed
-as x @ (W * M)^T + b instead of subtracting x @ (W * (1 - M))^T: same cost, no cancellation error.
+"""Diff-pruning: W' = W + dense(dW) per tenant, dW given as flat row-major (out, in) indices +
+values, plus optional bias deltas. Computed sparsely: y[:, o] += sum over nonzeros x[:, i] * v
+(fp32 accumulate), per tenant on its own contiguous rows (no slot bank).
 """
 
 from __future__ import annotations
 
 import torch
 
-from schema.layout import BaseDims
+from schema.layout import LINEAR_SITES, BaseDims
 from workers.engine.batch import TenantDelta
 from workers.engine.errors import AdapterLoadError
-from workers.engine.pets.common import GROUPS, SITE_GROUP, group_out, layers_of, site_col
+from workers.engine.pets.common import GROUPS, SITE_GROUP, group_out, layers_of, site_col, weight_count
 
-DEFAULT_SITES = ["q", "k", "v", "attn_out", "ffn_in", "ffn_out"]
+DEFAULT_SITES = list(LINEAR_SITES)
 
 
-def diff_tensors(delta: TenantDelta, t: dict[str, torch.Tensor], dims: BaseDims) -> dict[str, torch.Tensor]:
+def tenant_tensors(delta: TenantDelta, t: dict[str, torch.Tensor], dims: BaseDims) -> dict[str, torch.Tensor]:
     """Per (layer, group): col index, in index, value (nonzeros of all member sites), bias delta."""
     out: dict[str, torch.Tensor] = {}
     sites = delta.config.get("sites", DEFAULT_SITES)
@@ -53,13 +50,16 @@ def diff_tensors(delta: TenantDelta, t: dict[str, torch.Tensor], dims: BaseDims)
     return out
 
 
-def mask_tensors(delta: TenantDelta, t: dict[str, torch.Tensor], dims: BaseDims) -> dict[str, torch.Tensor]:
-    sites = delta.config.get("sites", DEFAULT_SITES)
-    return {f"{i}.{s}.bits": t[f"layers.{i}.{s}.mask_bits"]
-            for i in layers_of(delta.config, dims) for s in sites}
+def tenant_bytes(cfg: dict, dims: BaseDims, elem_bytes: int, density: float) -> int:
+    """Device bytes of one tenant at ``density`` nonzeros (int64 col + int64 in + value each)."""
+    return int(weight_count(cfg, dims, DEFAULT_SITES) * density) * (8 + 8 + elem_bytes)
 
 
-def apply_diff(group, layer: int, site_group: str, x: torch.Tensor, y: torch.Tensor) -> None:
+def linear_touches(group, site_group: str) -> bool:
+    return True
+
+
+def linear(group, layer: int, site_group: str, x: torch.Tensor, y: torch.Tensor, base_layer=None, enc=None) -> None:
     for res, t0, t1 in group.tenants:
         d = res.sparse
         col = d.get(f"{layer}.{site_group}.col")
@@ -73,22 +73,3 @@ def apply_diff(group, layer: int, site_group: str, x: torch.Tensor, y: torch.Ten
         if bias is not None:
             acc += bias
         y[t0:t1] += acc.to(y.dtype)
-
-
-def unpack_mask(bits: torch.Tensor, out_f: int, in_f: int) -> torch.Tensor:
-    shifts = torch.arange(8, device=bits.device, dtype=torch.uint8)
-    m = (bits.unsqueeze(1) >> shifts) & 1  # little bit order: bit k of byte j is element 8j + k
-    return m.reshape(-1)[:out_f * in_f].reshape(out_f, in_f).to(torch.bool)
-
-
-def apply_mask(group, layer: int, site_group: str, x: torch.Tensor, y: torch.Tensor, base_layer, dims) -> None:
-    for res, t0, t1 in group.tenants:
-        d = res.sparse
-        for s in ("q", "k", "v") if site_group == "qkv" else (site_group,):
-            bits = d.get(f"{layer}.{s}.bits")
-            if bits is None:
-                continue
-            w, b = base_layer.site_weight(s)
-            wm = w * unpack_mask(bits, *w.shape).to(w.dtype)
-            c = site_col(s, dims)
-            y[t0:t1, c:c + w.shape[0]] = torch.addmm(b, x[t0:t1], wm.t())

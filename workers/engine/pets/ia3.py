@@ -79,11 +79,12 @@ def slot_tensors(delta: TenantDelta, t: dict[str, torch.Tensor], dims: BaseDims,
     return out
 
 
-def uses(groups, name: str) -> bool:
-    return any(g.pet_type == "ia3" and g.bank.get(name) is not None for g in groups)
+def scales(group, name: str) -> bool:
+    """Whether the group's bank holds the scale ``name`` (some tenant of the bank uses it)."""
+    return group.bank.get(name) is not None
 
 
-def apply_scale(group, layer: int, name: str, y: torch.Tensor) -> None:
+def scale(group, layer: int, name: str, y: torch.Tensor) -> None:
     """y[group rows] *= bank[name][slot, layer]; name: a per-layer bank tensor (see module doc).
     Legacy short names "qkv" / "ffn_act" mean "scale.qkv" / "scale.ffn_act"."""
     if "." not in name:
@@ -100,7 +101,7 @@ def apply_scale(group, layer: int, name: str, y: torch.Tensor) -> None:
     y[seg.t0:seg.t1] *= scale.index_select(0, seg.tok_slots)
 
 
-def apply_qkv_in(group, layer: int, x: torch.Tensor, qkv: torch.Tensor, lw, dims: BaseDims) -> None:
+def qkv_input(group, layer: int, x: torch.Tensor, qkv: torch.Tensor, lw, enc) -> None:
     """Input scaling of q / k / v: recompute those columns of the group's rows as (x * l) W^T + b."""
     seg = group.seg
     for s in ("q", "k", "v"):
@@ -109,5 +110,5 @@ def apply_qkv_in(group, layer: int, x: torch.Tensor, qkv: torch.Tensor, lw, dims
             continue
         w, b = lw.site_weight(s)
         xs = x[seg.t0:seg.t1] * scale[:, layer].index_select(0, seg.tok_slots)
-        c = site_col(s, dims)
+        c = site_col(s, enc.dims)
         qkv[seg.t0:seg.t1, c:c + w.shape[0]] = torch.addmm(b, xs, w.t())

@@ -7,8 +7,6 @@ The scale alpha/r is folded into B at conversion time.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from schema.layout import LINEAR_SITES, POOLER, BaseDims, lora_scale
@@ -18,13 +16,6 @@ from workers.engine.pets import segmented
 from workers.engine.pets.common import GROUPS, SITE_GROUP, cells_of, group_in, next_bucket, site_col
 
 RANK_BUCKETS = (8, 16, 32, 64, 128, 256)
-
-# Triton path: "auto" (default) times the fused shrink+expand kernel against the separate
-# shrink / expand kernels once per shape (scratch copy of y) and keeps the faster; "1" always
-# fused, "0" always separate (the previous kernels). Under TRITON_INTERPRET=1 "auto" means fused.
-FUSED_MODE = os.environ.get("FLOCK_LORA_FUSED", "auto")
-fused_choice: dict = {}  # shape key -> True (fused) / False (separate)
-fused_choice_us: dict = {}  # str(shape key) -> {"fused": us, "separate": us} (bench reads it)
 
 
 def _sites(cfg) -> list[str]:
@@ -70,8 +61,13 @@ def slot_tensors(delta: TenantDelta, t: dict[str, torch.Tensor], dims: BaseDims,
     return out
 
 
-def apply(group, layer: int, site_group: str, x: torch.Tensor, y: torch.Tensor) -> None:
-    """x: full-batch input of the site group, y: its output; touches only the group's rows."""
+def linear_touches(group, site_group: str) -> bool:
+    return group.bank.get(f"A.{site_group}") is not None
+
+
+def linear(group, layer: int, site_group: str, x: torch.Tensor, y: torch.Tensor, base_layer, enc) -> None:
+    """x: full-batch input of the site group, y: its output; touches only the group's rows.
+    enc.options.lora_fused picks the fused or separate Triton kernels (timed once: enc.tuned)."""
     bank = group.bank
     A = bank.get(f"A.{site_group}")
     if A is None:
@@ -79,7 +75,7 @@ def apply(group, layer: int, site_group: str, x: torch.Tensor, y: torch.Tensor) 
     seg = group.seg
     xs, ys = x[seg.t0:seg.t1], y[seg.t0:seg.t1]
     A, B, cols = A[:, layer], bank.get(f"B.{site_group}")[:, layer], bank.extra["cols"][site_group]
-    if _use_fused(xs, A, B, seg, ys, cols):
+    if _use_fused(enc, xs, A, B, seg, ys, cols):
         from workers.engine.kernels.triton_lora import sgmv_lora_fused
         sgmv_lora_fused(xs, A, B, seg.tiles, seg.n_tiles, ys, cols)
         return
@@ -87,25 +83,29 @@ def apply(group, layer: int, site_group: str, x: torch.Tensor, y: torch.Tensor) 
     segmented.expand_add(xa, B, seg, ys, cols)
 
 
-def _use_fused(x, A, B, seg, y, cols) -> bool:
-    if FUSED_MODE == "0" or not segmented.use_triton(x, seg) or seg.n_tiles == 0:
+def _use_fused(enc, x, A, B, seg, y, cols) -> bool:
+    mode = enc.options.lora_fused
+    if mode == "0" or not segmented.use_triton(x, seg) or seg.n_tiles == 0:
         return False
     from workers.engine.kernels import interpret
     from workers.engine.kernels.triton_lora import fused_ok
     if not fused_ok(A, B):
         return False
-    if FUSED_MODE == "1" or interpret():
+    if mode == "1" or interpret():
         return True
     key = (x.shape[1], A.shape[1], B.shape[2], B.shape[1], x.dtype, max(seg.n_tiles, 1).bit_length())
-    choice = fused_choice.get(key)
+    choice = enc.tuned.lora_fused.get(key)
     if choice is None:
-        choice = fused_choice[key] = _measure(key, x, A, B, seg, y, cols)
+        t = _measure(x, A, B, seg, y, cols)
+        enc.tuned.lora_fused_us[str(key)] = t
+        choice = enc.tuned.lora_fused[key] = t["fused"] < t["separate"]
     return choice
 
 
-def _measure(key, x, A, B, seg, y, cols) -> bool:
-    """Time both Triton paths once on a scratch copy of y (first batch of this shape) and keep the faster."""
-    from workers.engine.kernels.triton_lora import _time_us, sgmv_lora_fused
+def _measure(x, A, B, seg, y, cols) -> dict:
+    """Time both Triton paths once on a scratch copy of y (first batch of this shape): us per call."""
+    from workers.engine.kernels import time_us
+    from workers.engine.kernels.triton_lora import sgmv_lora_fused
     scratch = y.clone()
 
     def separate():
@@ -116,11 +116,10 @@ def _measure(key, x, A, B, seg, y, cols) -> bool:
     try:
         fused()  # tunes the fused kernel's config for this shape (on its own scratch copy)
         separate()  # autotunes the separate kernels
-        t = {"separate": _time_us(separate), "fused": _time_us(fused)}
+        t = {"separate": time_us(separate), "fused": time_us(fused)}
     except Exception as exc:  # a kernel that does not build here is simply not chosen
         t = {"fused": float("inf"), "separate": 0.0, "error": repr(exc)[:200]}
-    fused_choice_us[str(key)] = t
-    return t["fused"] < t["separate"]
+    return t
 
 
 def can_init(groups, site_group: str) -> bool:
@@ -135,7 +134,7 @@ def can_init(groups, site_group: str) -> bool:
     return True
 
 
-def apply_init(group, layer: int, site_group: str, x: torch.Tensor, y: torch.Tensor, base_bias: torch.Tensor) -> None:
+def linear_init(group, layer: int, site_group: str, x: torch.Tensor, y: torch.Tensor, base_bias: torch.Tensor) -> None:
     """y[group rows] = base_bias + LoRA delta (every column written); the base GEMM adds x W^T after."""
     from workers.engine.kernels.triton_lora import sgmv_expand_init
     bank, seg = group.bank, group.seg

@@ -80,4 +80,4 @@ def test_graph_reads_every_module() -> None:
     mods = module_imports()
     assert "workers.engine.runtime" in mods and "schema.layout" in mods
     assert package_of("workers.engine.pets.lora") == "workers.engine.pets"
-    assert package_of("workers.cli") == "workers"
+    assert package_of("workers.client") == "workers"

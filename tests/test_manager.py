@@ -92,11 +92,8 @@ def workers(url: str, topic: str) -> dict[str, dict]:
 
 def leader(url: str, topic: str) -> str | None:
     async def go():
-        conn = await pg.connect(url, "flock-test")
-        try:
+        async with pg.session(url, "flock-test") as conn:
             return await current_leader(conn, topic)
-        finally:
-            await conn.close()
     return asyncio.run(go())
 
 

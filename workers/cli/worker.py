@@ -48,6 +48,7 @@ def worker_drain(worker_id: str,
     """Move every partition off WORKER_ID by warm hand-over (the manager carries it out); the
     worker keeps running, ready to be stopped once it holds no lease."""
     from workers.config import settings
+    from schema.tables import WorkerState
     from workers.manager.admin import drain
 
     state = run_cli(lambda: asyncio.run(drain(settings(), worker_id, undo=undo)))
@@ -55,4 +56,4 @@ def worker_drain(worker_id: str,
         print_json({"worker_id": worker_id, "state": state})
     else:
         out.print(f"worker {worker_id}: {state}" + (" (partitions move as the manager hands them over)"
-                                                     if state == "draining" else ""))
+                                                     if state == WorkerState.DRAINING else ""))

@@ -20,7 +20,13 @@ import socket
 import time
 from typing import Any, Callable, Protocol
 
+from sqlalchemy import and_, bindparam, case, func, null, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from schema.tables import LeaseState, PartitionLease, Worker, WorkerState
 from workers.config import Settings, follows_leases
+from workers.db import async_engine
 from workers.manager import pg
 from workers.manager.rates import LoadWindow
 
@@ -38,42 +44,47 @@ class ServingWorker(Protocol):
     def take_load(self) -> dict[str, Any]: ...
 
 
-RENEW = """
-UPDATE partition_leases SET expires_at = now() + make_interval(secs => $3)
-WHERE topic = $1 AND worker_id = $2 AND state IN ('active', 'releasing')
-RETURNING partition, epoch, state, next_worker_id"""
+L, W = PartitionLease.__table__, Worker.__table__
+_MINE = (L.c.topic == bindparam("p_topic"), L.c.worker_id == bindparam("p_me"))
 
-INCOMING = """
-SELECT partition, epoch, hot_tenants FROM partition_leases
-WHERE topic = $1 AND next_worker_id = $2 AND state = 'active'"""
+RENEW = (update(L).where(*_MINE, L.c.state.in_([LeaseState.ACTIVE, LeaseState.RELEASING]))
+         .values(expires_at=func.now() + pg.secs("p_ttl"))
+         .returning(L.c.partition, L.c.epoch, L.c.state, L.c.next_worker_id))
 
-READY_FOR_HANDOVER = """
-UPDATE partition_leases SET state = 'releasing', updated_at = now()
-WHERE topic = $1 AND partition = $2 AND epoch = $3 AND next_worker_id = $4 AND state = 'active'"""
+_INCOMING = (L.c.topic == bindparam("p_topic"), L.c.next_worker_id == bindparam("p_me"),
+             L.c.state == LeaseState.ACTIVE)
+INCOMING = select(L.c.partition, L.c.epoch, L.c.hot_tenants).where(*_INCOMING)
+
+READY_FOR_HANDOVER = (update(L).where(*_INCOMING, L.c.partition == bindparam("p_partition"),
+                                      L.c.epoch == bindparam("p_epoch"))
+                      .values(state=LeaseState.RELEASING))
 
 # Source side, after drain + commit. Conditional on the epoch: a fenced source changes nothing.
-TRANSFER = """
-UPDATE partition_leases SET worker_id = next_worker_id, epoch = epoch + 1,
-       state = CASE WHEN next_worker_id IS NULL THEN 'released' ELSE 'active' END,
-       expires_at = CASE WHEN next_worker_id IS NULL THEN NULL ELSE now() + make_interval(secs => $5) END,
-       assigned_at = now(), next_worker_id = NULL, handover_at = NULL, updated_at = now()
-WHERE topic = $1 AND partition = $2 AND worker_id = $3 AND epoch = $4 AND state = 'releasing'"""
+_to_nobody = L.c.next_worker_id.is_(None)
+TRANSFER = (update(L).where(*_MINE, L.c.partition == bindparam("p_partition"), L.c.epoch == bindparam("p_epoch"),
+                            L.c.state == LeaseState.RELEASING)
+            .values(worker_id=L.c.next_worker_id, epoch=L.c.epoch + 1,
+                    state=case((_to_nobody, LeaseState.RELEASED.value), else_=LeaseState.ACTIVE.value),
+                    expires_at=case((_to_nobody, null()), else_=func.now() + pg.secs("p_ttl")),
+                    assigned_at=func.now(), next_worker_id=None, handover_at=None))
 
-REGISTER = """
-INSERT INTO workers (worker_id, host, device, capacity, state, heartbeat_at, started_at, metrics, topic,
-                     follows_leases)
-VALUES ($1, $2, $3, $4, $5, now(), now(), $6, $7, $8)
-ON CONFLICT (worker_id) DO UPDATE SET
-    host = EXCLUDED.host, device = EXCLUDED.device, capacity = EXCLUDED.capacity, heartbeat_at = now(),
-    metrics = EXCLUDED.metrics, topic = EXCLUDED.topic, follows_leases = EXCLUDED.follows_leases,
-    -- an operator's drain survives heartbeats; a restart ('starting') clears it
-    state = CASE WHEN workers.state = 'draining' AND EXCLUDED.state = 'serving' THEN 'draining'
-                 ELSE EXCLUDED.state END"""
+_reg = pg_insert(W).values(worker_id=bindparam("p_me"), host=bindparam("p_host"), device=bindparam("p_device"),
+                           capacity=bindparam("p_capacity"), state=bindparam("p_state"), heartbeat_at=func.now(),
+                           started_at=func.now(), metrics=bindparam("p_metrics", type_=W.c.metrics.type),
+                           topic=bindparam("p_topic"), follows_leases=bindparam("p_follows"))
+REGISTER = _reg.on_conflict_do_update(index_elements=[W.c.worker_id], set_={
+    **{c: _reg.excluded[c] for c in ("host", "device", "capacity", "metrics", "topic", "follows_leases")},
+    "heartbeat_at": func.now(),
+    # an operator's drain survives heartbeats; a restart ('starting') clears it
+    "state": case((and_(W.c.state == WorkerState.DRAINING, _reg.excluded.state == WorkerState.SERVING),
+                   WorkerState.DRAINING.value), else_=_reg.excluded.state)})
 
-GIVE_BACK = """
-UPDATE partition_leases SET worker_id = NULL, state = 'released', epoch = epoch + 1, expires_at = NULL,
-       next_worker_id = NULL, handover_at = NULL, updated_at = now()
-WHERE topic = $1 AND worker_id = $2"""
+GIVE_BACK = (update(L).where(*_MINE)
+             .values(worker_id=None, state=LeaseState.RELEASED, epoch=L.c.epoch + 1, expires_at=None,
+                     next_worker_id=None, handover_at=None))
+CANCEL_INCOMING = update(L).where(*_INCOMING).values(next_worker_id=None, handover_at=None)
+STOPPED = (update(W).where(W.c.worker_id == bindparam("p_me"))
+           .values(state=WorkerState.STOPPED, heartbeat_at=func.now()))
 
 
 class WorkerAgent:
@@ -84,13 +95,14 @@ class WorkerAgent:
         self.follow = follows_leases(s.partitions)
         self.topic = s.requests_topic
         self.me = s.worker_id
+        self._me = {"p_topic": self.topic, "p_me": self.me}  # the parameters every statement here names
         self.window = LoadWindow(s.rate_window_s)
-        self._pool = None
+        self._db: AsyncEngine | None = None
         self._listener = None
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._tasks: dict[tuple[str, int], asyncio.Task] = {}  # ("release"|"prepare", partition)
-        self._state = "starting"
+        self._state = WorkerState.STARTING
         # Trust a renewal a little less than the manager does: clocks and round trips differ.
         self._margin = min(1.0, 0.2 * s.lease_timeout_s)
 
@@ -137,21 +149,19 @@ class WorkerAgent:
             t.cancel()
         try:
             await self._connect()
-            async with self._pool.acquire() as c:
+            async with self._db.connect() as c:
                 if self.follow:
-                    await c.execute(GIVE_BACK, self.topic, self.me)
-                    await c.execute("UPDATE partition_leases SET next_worker_id = NULL, handover_at = NULL "
-                                    "WHERE topic = $1 AND next_worker_id = $2 AND state = 'active'", self.topic, self.me)
+                    await c.execute(GIVE_BACK, self._me)
+                    await c.execute(CANCEL_INCOMING, self._me)
                     await pg.notify(c, self.topic)
-                await c.execute("UPDATE workers SET state = 'stopped', heartbeat_at = now() WHERE worker_id = $1",
-                                self.me)
+                await c.execute(STOPPED, self._me)
         except pg.DB_ERRORS as exc:
             log.warning("could not give leases back (they expire in %.0fs): %s", self.s.lease_timeout_s, exc)
         await self._disconnect()
 
     async def _connect(self) -> None:
-        if self._pool is None:
-            self._pool = await pg.pool(self.s.database_url, f"flock-worker:{self.me}")
+        if self._db is None:
+            self._db = async_engine(self.s.database_url, f"flock-worker:{self.me}", pool_size=3)
         if self.follow and self._listener is None:
             self._listener = await pg.connect(self.s.database_url, f"flock-worker-listen:{self.me}")
             await self._listener.add_listener(pg.LEASE_CHANNEL, self._notified)
@@ -161,13 +171,13 @@ class WorkerAgent:
             self._wake.set()
 
     async def _disconnect(self) -> None:
-        for closer in (self._listener, self._pool):
-            if closer is not None:
+        for close in (self._listener and self._listener.close, self._db and self._db.dispose):
+            if close is not None:
                 try:
-                    await asyncio.wait_for(closer.close(), 5)
+                    await asyncio.wait_for(close(), 5)
                 except Exception:  # noqa: BLE001 - already broken
                     pass
-        self._listener = self._pool = None
+        self._listener = self._db = None
 
     # ------------------------------------------------------------ registry
     async def _heartbeat(self) -> None:
@@ -184,33 +194,35 @@ class WorkerAgent:
                       resident_count=len(resident), resident_tenants=resident[:500],
                       mode="leases" if self.follow else "static", **stats)
         if self.worker.stopping.is_set():
-            state = "draining"
+            state = WorkerState.DRAINING
         else:
-            state, self._state = self._state, "serving"
-        async with self._pool.acquire() as c:
-            await c.execute(REGISTER, self.me, socket.gethostname(), self.s.device if self.s.device != "auto"
-                            else stats.get("device_kind", "auto"), self.s.worker_capacity, state, report,
-                            self.topic, self.follow)
+            state, self._state = self._state, WorkerState.SERVING
+        async with self._db.connect() as c:
+            await c.execute(REGISTER, {**self._me, "p_host": socket.gethostname(),
+                                       "p_device": self.s.device if self.s.device != "auto"
+                                       else stats.get("device_kind", "auto"),
+                                       "p_capacity": self.s.worker_capacity, "p_state": state, "p_metrics": report,
+                                       "p_follows": self.follow})
 
     # ------------------------------------------------------------ leases
     async def _sync_leases(self) -> None:
         t0 = time.monotonic()
-        async with self._pool.acquire() as c:
-            rows = await c.fetch(RENEW, self.topic, self.me, self.s.lease_timeout_s)
-            incoming = await c.fetch(INCOMING, self.topic, self.me)
+        async with self._db.connect() as c:
+            rows = (await c.execute(RENEW, {**self._me, "p_ttl": self.s.lease_timeout_s})).all()
+            incoming = (await c.execute(INCOMING, self._me)).all()
         until = t0 + self.s.lease_timeout_s - self._margin
         leases = {}
         for r in rows:
-            p = r["partition"]
-            if r["state"] == "releasing" and ("release", p) not in self._tasks:
-                self._spawn(("release", p), self._hand_over(p, r["epoch"]))
+            p = r.partition
+            if r.state == LeaseState.RELEASING and ("release", p) not in self._tasks:
+                self._spawn(("release", p), self._hand_over(p, r.epoch))
             if ("release", p) not in self._tasks:
-                leases[p] = (r["epoch"], until)
+                leases[p] = (r.epoch, until)
         self.worker.set_leases(leases)
         for r in incoming:
-            key = ("prepare", r["partition"])
+            key = ("prepare", r.partition)
             if key not in self._tasks:
-                self._spawn(key, self._prepare(r["partition"], r["epoch"], list(r["hot_tenants"] or [])))
+                self._spawn(key, self._prepare(r.partition, r.epoch, list(r.hot_tenants or [])))
 
     async def _prepare(self, p: int, epoch: int, hot: list[str]) -> None:
         """Target side: warm the partition's hot tenants, then tell the source to let go."""
@@ -219,8 +231,9 @@ class WorkerAgent:
                 await asyncio.wait_for(asyncio.wrap_future(self.worker.prefetch(hot)), self.s.handover_timeout_s / 2)
             except Exception as exc:  # noqa: BLE001 - a cold start is slower, not wrong
                 log.warning("prefetch for partition %d failed: %s", p, exc)
-        async with self._pool.acquire() as c:
-            if await c.execute(READY_FOR_HANDOVER, self.topic, p, epoch, self.me) == "UPDATE 1":
+        async with self._db.connect() as c:
+            ready = await c.execute(READY_FOR_HANDOVER, {**self._me, "p_partition": p, "p_epoch": epoch})
+            if ready.rowcount == 1:
                 await pg.notify(c, self.topic)
                 log.info("partition %d: %d hot tenants prefetched, asked its owner to hand over", p, len(hot))
 
@@ -229,11 +242,12 @@ class WorkerAgent:
         try:
             t0 = time.monotonic()
             clean = await self.worker.release_partition(p)
-            async with self._pool.acquire() as c:
-                moved = await c.execute(TRANSFER, self.topic, p, self.me, epoch, self.s.lease_timeout_s)
+            async with self._db.connect() as c:
+                moved = await c.execute(TRANSFER, {**self._me, "p_partition": p, "p_epoch": epoch,
+                                                   "p_ttl": self.s.lease_timeout_s})
                 await pg.notify(c, self.topic)
             log.info("partition %d handed over (%s, drained+committed=%s) in %.0f ms", p,
-                     "lease moved" if moved == "UPDATE 1" else "lease already gone", clean,
+                     "lease moved" if moved.rowcount == 1 else "lease already gone", clean,
                      (time.monotonic() - t0) * 1e3)
         finally:
             self.worker.release_done(p)

@@ -1,11 +1,20 @@
-"""asyncpg connections for the agent and the manager: DSN from FLOCK_DATABASE_URL, JSONB as
-Python objects, and the NOTIFY channel that tells workers to re-read their leases now."""
+"""The control plane's database plumbing: SQLAlchemy Core on the async engine (workers/db.py)
+for statements, a raw asyncpg connection only to LISTEN, and the NOTIFY channel that tells
+workers to re-read their leases now."""
 
 from __future__ import annotations
 
 import json
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
 
 import asyncpg
+import sqlalchemy.exc
+from sqlalchemy import Float, bindparam, func, literal_column, select
+from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql.elements import ColumnElement
+
+from workers.db import async_engine
 
 LEASE_CHANNEL = "flock_leases"  # payload: the request topic whose leases changed
 
@@ -21,19 +30,36 @@ async def _codecs(conn: asyncpg.Connection) -> None:
 
 
 async def connect(url: str, app_name: str) -> asyncpg.Connection:
+    """A raw asyncpg connection (JSONB as Python objects): for LISTEN, which SQLAlchemy does not do."""
     conn = await asyncpg.connect(dsn(url), timeout=10, server_settings={"application_name": app_name[:63]})
     await _codecs(conn)
     return conn
 
 
-async def pool(url: str, app_name: str, size: int = 3) -> asyncpg.Pool:
-    return await asyncpg.create_pool(dsn(url), min_size=1, max_size=size, timeout=10, init=_codecs,
-                                     server_settings={"application_name": app_name[:63]})
+@asynccontextmanager
+async def session(url: str, app_name: str) -> AsyncIterator[AsyncConnection]:
+    """One unpooled connection for a short job (a CLI command), closed afterwards."""
+    engine = async_engine(url, app_name, pooled=False)
+    try:
+        async with engine.connect() as conn:
+            yield conn
+    finally:
+        await engine.dispose()
 
 
-async def notify(conn, topic: str) -> None:
-    await conn.execute("SELECT pg_notify($1, $2)", LEASE_CHANNEL, topic)
+def secs(name: str) -> ColumnElement:
+    """An interval of ``name`` seconds (a float bound at execution)."""
+    return literal_column("interval '1 second'") * bindparam(name, type_=Float)
 
 
-# What a database outage looks like from asyncpg: retry later, never crash the data plane.
-DB_ERRORS = (OSError, ConnectionError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
+NOTIFY = select(func.pg_notify(LEASE_CHANNEL, bindparam("p_topic")))
+
+
+async def notify(conn: AsyncConnection, topic: str) -> None:
+    await conn.execute(NOTIFY, {"p_topic": topic})
+
+
+# What a database outage looks like, from asyncpg directly or through SQLAlchemy: retry later,
+# never crash the data plane.
+DB_ERRORS = (OSError, ConnectionError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError,
+             sqlalchemy.exc.DBAPIError, sqlalchemy.exc.TimeoutError, sqlalchemy.exc.PendingRollbackError)

@@ -12,8 +12,13 @@ import math
 from typing import Callable
 
 from aiokafka import AIOKafkaProducer
+from sqlalchemy import bindparam, delete, exists, func, select
+from sqlalchemy.dialects.postgresql import JSONB, insert as pg_insert
+from sqlalchemy.ext.asyncio import AsyncConnection
 
+from schema.tables import Tenant, TenantRoute
 from workers.kafka_conn import kafka_options
+from workers.manager.pg import secs
 
 
 def plan_routes(tenant_cost: dict[str, float], partition_cost: dict[int, float], partitions: int,
@@ -49,6 +54,22 @@ def plan_routes(tenant_cost: dict[str, float], partition_cost: dict[int, float],
     return routes
 
 
+R, T = TenantRoute.__table__, Tenant.__table__
+
+# One statement, so one transaction: routes of removed tenants go, changed ones are upserted
+# (skipping tenants deleted meanwhile). p_routes: {tenant: [partitions]}.
+_new = func.jsonb_each(bindparam("p_routes", type_=JSONB)).table_valued("key", "value")
+_upsert = pg_insert(R).from_select(
+    ["tenant_id", "partitions", "updated_at"],
+    select(_new.c.key, _new.c.value, func.now()).where(exists().where(T.c.tenant_id == _new.c.key)))
+WRITE_ROUTES = _upsert.on_conflict_do_update(
+    index_elements=[R.c.tenant_id], set_={"partitions": _upsert.excluded.partitions, "updated_at": func.now()},
+).add_cte(delete(R).where(R.c.tenant_id.in_(bindparam("p_removed", expanding=True))).cte("removed"))
+
+READ_ROUTES = select(R.c.tenant_id, R.c.partitions)
+RECENT_ROUTES = select(R.c.tenant_id).where(R.c.updated_at > func.now() - secs("p_age"))
+
+
 class RoutePublisher:
     """Writes route changes to Postgres and the compacted Kafka topic."""
 
@@ -56,20 +77,12 @@ class RoutePublisher:
         self.bootstrap, self.topic = bootstrap, topic
         self._producer: AIOKafkaProducer | None = None
 
-    async def publish(self, conn, routes: dict[str, list[int]], current: dict[str, list[int]]) -> int:
+    async def publish(self, conn: AsyncConnection, routes: dict[str, list[int]], current: dict[str, list[int]]) -> int:
         changed = {t: p for t, p in routes.items() if current.get(t) != p}
         removed = [t for t in current if t not in routes]
         if not changed and not removed:
             return 0
-        async with conn.transaction():
-            for t, parts in changed.items():
-                await conn.execute("""
-                    INSERT INTO tenant_routes (tenant_id, partitions, updated_at)
-                    SELECT $1::varchar, $2::jsonb, now() WHERE EXISTS (SELECT 1 FROM tenants WHERE tenant_id = $1::varchar)
-                    ON CONFLICT (tenant_id) DO UPDATE SET partitions = EXCLUDED.partitions, updated_at = now()""",
-                                   t, parts)
-            if removed:
-                await conn.execute("DELETE FROM tenant_routes WHERE tenant_id = ANY($1::text[])", removed)
+        await conn.execute(WRITE_ROUTES, {"p_routes": changed, "p_removed": removed})
         if self._producer is None:
             self._producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, **kafka_options(), acks="all", enable_idempotence=True)
             await self._producer.start()
@@ -86,10 +99,9 @@ class RoutePublisher:
             self._producer = None
 
 
-async def read_routes(conn) -> dict[str, list[int]]:
-    return {r["tenant_id"]: list(r["partitions"]) for r in await conn.fetch("SELECT tenant_id, partitions FROM tenant_routes")}
+async def read_routes(conn: AsyncConnection) -> dict[str, list[int]]:
+    return {r.tenant_id: list(r.partitions) for r in await conn.execute(READ_ROUTES)}
 
 
-async def recent_routes(conn, younger_than_s: float) -> frozenset[str]:
-    return frozenset(r["tenant_id"] for r in await conn.fetch(
-        "SELECT tenant_id FROM tenant_routes WHERE updated_at > now() - make_interval(secs => $1)", younger_than_s))
+async def recent_routes(conn: AsyncConnection, younger_than_s: float) -> frozenset[str]:
+    return frozenset((await conn.execute(RECENT_ROUTES, {"p_age": younger_than_s})).scalars())

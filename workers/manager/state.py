@@ -6,9 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from workers.manager.balancer import PartitionLoad, WorkerLoad
+from sqlalchemy import Float, and_, bindparam, cast, extract, func, select
+from sqlalchemy.ext.asyncio import AsyncConnection
 
-LIVE_STATES = ("starting", "serving", "draining")
+from schema.tables import (ACCEPTING_WORKER_STATES, LIVE_WORKER_STATES, Adapter, LeaseState, PartitionLease, Tenant,
+                           Worker)
+from workers.manager.balancer import PartitionLoad, WorkerLoad
 
 
 @dataclass
@@ -47,30 +50,34 @@ class Observed:
         return next((w for w in self.workers if w.worker_id == worker_id), None)
 
 
-WORKERS = """
-SELECT worker_id, host, device, capacity, state, follows_leases, metrics, topic,
-       EXTRACT(EPOCH FROM now() - heartbeat_at)::float8 AS heartbeat_age_s
-FROM workers WHERE topic = $1 ORDER BY worker_id"""
-
-LEASES = """
-SELECT partition, worker_id, epoch, state, next_worker_id, hot_tenants,
-       EXTRACT(EPOCH FROM expires_at - now())::float8 AS expires_in_s,
-       EXTRACT(EPOCH FROM now() - assigned_at)::float8 AS dwell_s
-FROM partition_leases WHERE topic = $1 ORDER BY partition"""
-
-PET_TYPES = """
-SELECT t.tenant_id, a.pet_type FROM tenants t
-JOIN adapters a ON a.tenant_id = t.tenant_id AND a.version = t.active_version"""
+def _seconds(interval) -> object:
+    return cast(extract("epoch", interval), Float)
 
 
-async def observe(conn, topic: str, with_pet_types: bool = True) -> Observed:
-    workers = [WorkerRow(**dict(r)) for r in await conn.fetch(WORKERS, topic)]
-    leases = [LeaseRow(**{**dict(r), "hot_tenants": list(r["hot_tenants"] or [])}) for r in await conn.fetch(LEASES, topic)]
-    pets = {r["tenant_id"]: r["pet_type"] for r in await conn.fetch(PET_TYPES)} if with_pet_types else {}
+W, L, T, A = Worker.__table__, PartitionLease.__table__, Tenant.__table__, Adapter.__table__
+
+WORKERS = (select(W.c.worker_id, W.c.host, W.c.device, W.c.capacity, W.c.state, W.c.follows_leases, W.c.metrics,
+                  W.c.topic, _seconds(func.now() - W.c.heartbeat_at).label("heartbeat_age_s"))
+           .where(W.c.topic == bindparam("p_topic")).order_by(W.c.worker_id))
+
+LEASES = (select(L.c.partition, L.c.worker_id, L.c.epoch, L.c.state, L.c.next_worker_id, L.c.hot_tenants,
+                 _seconds(L.c.expires_at - func.now()).label("expires_in_s"),
+                 _seconds(func.now() - L.c.assigned_at).label("dwell_s"))
+          .where(L.c.topic == bindparam("p_topic")).order_by(L.c.partition))
+
+PET_TYPES = select(T.c.tenant_id, A.c.pet_type).join_from(
+    T, A, and_(A.c.tenant_id == T.c.tenant_id, A.c.version == T.c.active_version))
+
+
+async def observe(conn: AsyncConnection, topic: str, with_pet_types: bool = True) -> Observed:
+    workers = [WorkerRow(**r._mapping) for r in await conn.execute(WORKERS, {"p_topic": topic})]
+    leases = [LeaseRow(**{**r._mapping, "hot_tenants": list(r.hot_tenants or [])})
+              for r in await conn.execute(LEASES, {"p_topic": topic})]
+    pets = {r.tenant_id: r.pet_type for r in await conn.execute(PET_TYPES)} if with_pet_types else {}
     return Observed(topic, workers, leases, pets)
 
 
-def _report_for(obs: Observed, lease: LeaseRow) -> dict[str, Any] | None:
+def report_for(obs: Observed, lease: LeaseRow) -> dict[str, Any] | None:
     """The partition's freshest load report: its owner's, else whoever reported it last."""
     key = str(lease.partition)
     owner = obs.worker(lease.worker_id)
@@ -107,13 +114,13 @@ def partition_cost(report: dict[str, Any] | None, pet_types: dict[str, str],
 
 
 def tokens_per_request(obs: Observed) -> float | None:
-    tok = sum(w.metrics.get("tokens_per_s", 0.0) for w in obs.workers if w.state in LIVE_STATES)
-    req = sum(w.metrics.get("requests_per_s", 0.0) for w in obs.workers if w.state in LIVE_STATES)
+    tok = sum(w.metrics.get("tokens_per_s", 0.0) for w in obs.workers if w.state in LIVE_WORKER_STATES)
+    req = sum(w.metrics.get("requests_per_s", 0.0) for w in obs.workers if w.state in LIVE_WORKER_STATES)
     return tok / req if req > 0 else None
 
 
 def accepting(w: WorkerRow, worker_timeout_s: float) -> bool:
-    return w.follows_leases and w.state in ("starting", "serving") and w.heartbeat_age_s <= worker_timeout_s
+    return w.follows_leases and w.state in ACCEPTING_WORKER_STATES and w.heartbeat_age_s <= worker_timeout_s
 
 
 def balancer_inputs(obs: Observed, weights: dict[str, float], worker_timeout_s: float,
@@ -121,11 +128,11 @@ def balancer_inputs(obs: Observed, weights: dict[str, float], worker_timeout_s: 
                     arrivals: dict[int, float] | None = None) -> tuple[list[WorkerLoad], list[PartitionLoad]]:
     workers = [WorkerLoad(w.worker_id, w.capacity, accepting(w, worker_timeout_s),
                           frozenset(w.metrics.get("resident_tenants", [])))
-               for w in obs.workers if w.follows_leases and w.state in LIVE_STATES]
+               for w in obs.workers if w.follows_leases and w.state in LIVE_WORKER_STATES]
     parts = []
     tpr = tokens_per_request(obs)
     for lease in obs.leases:
-        cost, tenants = partition_cost(_report_for(obs, lease), obs.pet_types, weights,
+        cost, tenants = partition_cost(report_for(obs, lease), obs.pet_types, weights,
                                        (arrivals or {}).get(lease.partition), tpr)
         hot, covered = [], 0.0
         for t, c in sorted(tenants.items(), key=lambda kv: -kv[1]):
@@ -133,9 +140,9 @@ def balancer_inputs(obs: Observed, weights: dict[str, float], worker_timeout_s: 
                 break
             hot.append(t)
             covered += c
-        parts.append(PartitionLoad(lease.partition, lease.worker_id if lease.state != "released" else None, cost,
+        parts.append(PartitionLoad(lease.partition, lease.worker_id if lease.state != LeaseState.RELEASED else None, cost,
                                    tuple(hot), lease.dwell_s if lease.dwell_s is not None else float("inf"),
-                                   moving=lease.next_worker_id is not None or lease.state == "releasing"))
+                                   moving=lease.next_worker_id is not None or lease.state == LeaseState.RELEASING))
     return workers, parts
 
 
@@ -144,7 +151,7 @@ def tenant_costs(obs: Observed, weights: dict[str, float],
     """Weighted tokens/s per tenant summed over partitions (a spread tenant sits on several)."""
     out: dict[str, float] = {}
     for lease in obs.leases:
-        for t, c in partition_cost(_report_for(obs, lease), obs.pet_types, weights,
+        for t, c in partition_cost(report_for(obs, lease), obs.pet_types, weights,
                                    (arrivals or {}).get(lease.partition))[1].items():
             out[t] = out.get(t, 0.0) + c
     return out

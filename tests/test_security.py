@@ -101,6 +101,28 @@ def test_sdk_follows_the_per_tenant_reply_scheme(monkeypatch):
         settings.cache_clear()
 
 
+def test_refusals_are_answered_within_a_budget_per_tenant():
+    from workers.serving.worker import Worker, WorkerConfig
+    cfg = WorkerConfig("w", "x:1", "req", "rep", "dlq", "g", [0], auth_refusals_burst=3, auth_refusals_per_s=2.0)
+    w = Worker(cfg, engine=None, tokenizer=None)
+    assert [w.may_answer_refusal("a", 100.0) for _ in range(5)] == [True, True, True, False, False]
+    assert w.may_answer_refusal("b", 100.0)  # each tenant its own budget
+    assert w.may_answer_refusal("a", 100.5) and not w.may_answer_refusal("a", 100.5)  # refilled at 2/s
+
+
+def test_compose_production_profile_turns_security_on():
+    import yaml
+    services = yaml.safe_load(open(os.path.join(ROOT, "compose.yaml")))["services"]
+    fields = {f"FLOCK_{k.upper()}" for k in Settings.model_fields}
+    for name in ("manager-secure", "worker-secure"):
+        svc = services[name]
+        env = svc["environment"]
+        assert svc["profiles"] == ["production"] and not [k for k in env if k.startswith("FLOCK_") and k not in fields]
+        assert env["FLOCK_AUTH_REQUIRED"] == "1" and env["FLOCK_TENANT_REPLY_TOPICS"] == "1"
+        assert env["FLOCK_KAFKA_SECURITY_PROTOCOL"] == "SASL_SSL" and env["FLOCK_DATABASE_SSLMODE"] == "verify-full"
+        assert "FLOCK_KAFKA_SASL_PASSWORD" not in env  # from a secret file, never inline
+
+
 # ---------------------------------------------------------------- keys in PostgreSQL
 def test_key_create_rotate_revoke(sessions, unique):
     from workers.tenants import TenantRegistry

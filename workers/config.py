@@ -47,6 +47,10 @@ class Settings(BaseSettings):
     auth_required: bool = False  # requests must carry a valid HMAC of a tenant key (flock-auth header)
     auth_keys_poll_s: float = 5.0  # how often a worker re-reads tenant keys (new, rotated, revoked)
     key_rotation_overlap_s: float = 86400.0  # after a rotation the old key stays valid this long
+    # Refused requests answered (unauthenticated reply + DLQ record) per tenant: this burst, then
+    # this rate; the rest of a flood of forgeries is only counted (flock_auth_unanswered_total).
+    auth_refusals_burst: int = 20
+    auth_refusals_per_s: float = 1.0
     # Replies go to the tenant's own topic <reply_topic_prefix><tenant_id> (Kafka ACLs keep it
     # private); a request's reply_to is honoured only when it names that topic.
     tenant_reply_topics: bool = False

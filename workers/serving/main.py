@@ -40,6 +40,7 @@ def worker_config(s: Settings) -> WorkerConfig:
         handover_drain_s=s.handover_drain_s, produce_linger_ms=s.produce_linger_ms,
         produce_max_batch_bytes=s.produce_max_batch_bytes, kafka=kafka_options(s),
         auth_required=s.auth_required, auth_keys_poll_s=s.auth_keys_poll_s,
+        auth_refusals_burst=s.auth_refusals_burst, auth_refusals_per_s=s.auth_refusals_per_s,
         tenant_reply_prefix=s.reply_topic_prefix if s.tenant_reply_topics else None)
 
 

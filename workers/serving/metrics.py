@@ -48,12 +48,14 @@ class WorkerMetrics:
         self.engine_batch_seqs = Histogram("flock_engine_batch_sequences", "Sequences per merged engine batch "
                                            "(edge batches of a worker group)", registry=r,
                                            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024))
-        self.stage_cpu = StageCPU()
         self.auth_failures = Counter("flock_auth_failures_total", "Requests refused as unauthenticated, by reason",
                                      ["reason"], registry=r)
+        self.auth_unanswered = Counter("flock_auth_unanswered_total", "Refused requests over their tenant's "
+                                       "refusal budget: counted and committed, no reply or DLQ record", registry=r)
         self.auth_keys = Gauge("flock_auth_keys", "Tenant keys this worker accepts", registry=r)
         self.reply_to_refused = Counter("flock_reply_to_refused_total", "Requests whose reply_to named a topic "
                                         "the tenant does not own (replied to its own topic instead)", registry=r)
+        self.stage_cpu = StageCPU()
         r.register(CPUCollector(self.stage_cpu, engine_in_process))
 
 

@@ -88,6 +88,10 @@ class WorkerConfig:
     auth_required: bool = False  # requests must be signed with a tenant key (workers.auth)
     auth_keys_poll_s: float = 5.0
     tenant_reply_prefix: str | None = None  # replies to <prefix><tenant>, reply_to only if it is that
+    # Refused requests answered (reply + DLQ record) per tenant: a burst, then this many per second;
+    # beyond that a flood of forgeries is only counted, so it costs a decode and a check each.
+    auth_refusals_burst: int = 20
+    auth_refusals_per_s: float = 1.0
 
 
 class Worker:
@@ -104,6 +108,7 @@ class Worker:
             raise ValueError("auth_required needs a key loader")
         self.load_keys = load_keys
         self.keyring = Keyring() if cfg.auth_required else None
+        self._refusals: dict[str, list[float]] = {}  # tenant -> [tokens, last refill (monotonic)]
         self.batcher = CoordinatedBatcher(cfg.policy)
         self.tracker = OffsetTracker()
         self.stopping = asyncio.Event()
@@ -243,8 +248,11 @@ class Worker:
                     why = check(w.request.tenant_id, rec.value, rec.headers, now_s)
                     if why is None:
                         good.append(w)
-                    else:
+                    elif self.may_answer_refusal(w.request.tenant_id, now):
                         rejected.append((w, self._unauthenticated(w, why, rec)))
+                    else:  # over the tenant's refusal budget: counted, committed, not answered
+                        self.metrics.auth_unanswered.inc()
+                        self.tracker.done(w.partition, w.offset)
                 st.add("auth", t0)
             errors: list[tuple[Work, InferReply]] = []
             if good:
@@ -309,6 +317,22 @@ class Worker:
             sends.append((topic, reply.encode(), exc.tenant_id.encode(), reply.headers()))
         w.status = exc.code.value
         return sends
+
+    def may_answer_refusal(self, tenant_id: str, now: float) -> bool:
+        """Token bucket per tenant: answers to refused requests are bounded, so a flood of forged
+        requests cannot make the worker produce two records for each of them."""
+        b = self._refusals.get(tenant_id)
+        if b is None:
+            if len(self._refusals) > 100_000:
+                self._refusals.clear()
+            b = self._refusals[tenant_id] = [float(self.cfg.auth_refusals_burst), now]
+        else:
+            b[0] = min(float(self.cfg.auth_refusals_burst), b[0] + (now - b[1]) * self.cfg.auth_refusals_per_s)
+            b[1] = now
+        if b[0] < 1.0:
+            return False
+        b[0] -= 1.0
+        return True
 
     def _unauthenticated(self, w: Work, why: str, rec: Any) -> list:
         """A DLQ record (original bytes and headers) and an ``unauthenticated`` reply to the

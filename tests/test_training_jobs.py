@@ -139,8 +139,10 @@ def _tenant(sessions, name: str) -> str:
 def _replies(env, n: int, timeout: float = 60.0) -> list[TrainReply]:
     from aiokafka import AIOKafkaConsumer
 
+    from workers.kafka_conn import kafka_options
+
     async def read():
-        c = AIOKafkaConsumer(env["FLOCK_TRAIN_REPLIES_TOPIC"], bootstrap_servers=env["FLOCK_KAFKA_BOOTSTRAP"],
+        c = AIOKafkaConsumer(env["FLOCK_TRAIN_REPLIES_TOPIC"], bootstrap_servers=env["FLOCK_KAFKA_BOOTSTRAP"], **kafka_options(),
                              auto_offset_reset="earliest", enable_auto_commit=False)
         await c.start()
         out, deadline = [], time.monotonic() + timeout
@@ -230,13 +232,15 @@ def test_poisoned_job_fails_cleanly(train_env, sessions, unique, tmp_path, kind,
 def test_undecodable_jobs_fail_or_go_to_the_dlq(train_env, sessions, unique):
     """A job naming its id and tenant is recorded failed and answered; nameless bytes go to the DLQ."""
     from aiokafka import AIOKafkaProducer
+
+    from workers.kafka_conn import kafka_options
     from workers.trainer.jobs import JobTable
 
     bad = {**_job(job_id=f"bad-{unique}", tenant_id=f"t-{unique}").to_wire(), "pet_type": "prefix-tuning"}
     bad["reply_to"] = None
 
     async def send():
-        p = AIOKafkaProducer(bootstrap_servers=train_env["FLOCK_KAFKA_BOOTSTRAP"])
+        p = AIOKafkaProducer(bootstrap_servers=train_env["FLOCK_KAFKA_BOOTSTRAP"], **kafka_options())
         await p.start()
         try:
             await p.send_and_wait(train_env["FLOCK_TRAIN_TOPIC"], msgpack.packb(bad), key=b"x")

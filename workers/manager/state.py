@@ -7,7 +7,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import Float, and_, bindparam, cast, extract, func, select
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql.elements import ColumnElement
 
 from schema.tables import (ACCEPTING_WORKER_STATES, LIVE_WORKER_STATES, Adapter, LeaseState, PartitionLease, Tenant,
                            Worker)
@@ -50,7 +52,8 @@ class Observed:
         return next((w for w in self.workers if w.worker_id == worker_id), None)
 
 
-def _seconds(interval) -> object:
+def _seconds(interval: ColumnElement) -> ColumnElement:
+    """An interval as float seconds."""
     return cast(extract("epoch", interval), Float)
 
 
@@ -65,15 +68,28 @@ LEASES = (select(L.c.partition, L.c.worker_id, L.c.epoch, L.c.state, L.c.next_wo
                  _seconds(func.now() - L.c.assigned_at).label("dwell_s"))
           .where(L.c.topic == bindparam("p_topic")).order_by(L.c.partition))
 
-PET_TYPES = select(T.c.tenant_id, A.c.pet_type).join_from(
-    T, A, and_(A.c.tenant_id == T.c.tenant_id, A.c.version == T.c.active_version))
+# Only the tenants asked about (the reports' heavy hitters, a few routes): never every tenant.
+PET_TYPES = (select(T.c.tenant_id, A.c.pet_type)
+             .join_from(T, A, and_(A.c.tenant_id == T.c.tenant_id, A.c.version == T.c.active_version))
+             .where(T.c.tenant_id == func.any(bindparam("p_ids", type_=ARRAY(T.c.tenant_id.type)))))
+
+
+async def pet_types_of(conn: AsyncConnection, tenant_ids) -> dict[str, str]:
+    """tenant -> PET type of its active adapter, for the existing tenants among ``tenant_ids``."""
+    ids = sorted(set(tenant_ids))
+    return {r.tenant_id: r.pet_type for r in await conn.execute(PET_TYPES, {"p_ids": ids})} if ids else {}
+
+
+def reported_tenants(workers: list[WorkerRow]) -> set[str]:
+    """Tenants named in the load reports (top-K per partition): bounded by partitions x K."""
+    return {t for w in workers for rep in w.metrics.get("partitions", {}).values() for t in rep.get("tenants", {})}
 
 
 async def observe(conn: AsyncConnection, topic: str, with_pet_types: bool = True) -> Observed:
     workers = [WorkerRow(**r._mapping) for r in await conn.execute(WORKERS, {"p_topic": topic})]
     leases = [LeaseRow(**{**r._mapping, "hot_tenants": list(r.hot_tenants or [])})
               for r in await conn.execute(LEASES, {"p_topic": topic})]
-    pets = {r.tenant_id: r.pet_type for r in await conn.execute(PET_TYPES)} if with_pet_types else {}
+    pets = await pet_types_of(conn, reported_tenants(workers)) if with_pet_types else {}
     return Observed(topic, workers, leases, pets)
 
 

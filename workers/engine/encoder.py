@@ -37,6 +37,7 @@ class Encoder:
         self.fast_gelu = self.fast and base.activation in ("gelu", "gelu_tanh")
         self.lora_into_gemm = self.fast and self.options.lora_into_gemm
         self._hooks = {h: with_hook(h) for h in HOOKS}  # hook -> {pet type: ops module}
+        self.plot = None  # plot.serve.PlotRuntime of a skipping base (set by the engine)
 
     def _at(self, plan, hook: str):
         """(group, ops) of the plan's PET groups whose type acts at ``hook``, in plan order."""
@@ -56,7 +57,7 @@ class Encoder:
         w, b = lw.params(group)
         init = self._init_groups(plan, group) if self.lora_into_gemm else []
         if not init:
-            y = torch.addmm(b, x, w.t())
+            y = self._shared(plan, x, w, b)
             self._linear(plan, i, group, lw, x, y)
             return y
         T = x.shape[0]
@@ -71,6 +72,27 @@ class Encoder:
             ops.linear_init(g, i, group, x, y, b)
         y.addmm_(x, w.t())
         self._linear(plan, i, group, lw, x, y, skip={id(g) for g, _ in init})
+        return y
+
+    def _shared(self, plan, x, w, b) -> torch.Tensor:
+        """x w^T + b on the rows no "linear_replace" group rewrites (their rows are left unset)."""
+        skip = sorted((g.seg.t0, g.seg.t1) for g, _ in self._at(plan, "linear_replace"))
+        if not skip:
+            return torch.addmm(b, x, w.t())
+        T = x.shape[0]
+        spans, t = [], 0
+        for t0, t1 in skip + [(T, T)]:
+            if t0 > t:
+                spans.append((t, t0))
+            t = max(t, t1)
+        if torch.is_grad_enabled():  # out= does not record autograd (trainer): assemble instead
+            y = x.new_zeros(T, w.shape[0])
+            for a, c in spans:
+                y[a:c] = torch.addmm(b, x[a:c], w.t())
+            return y
+        y = torch.empty(T, w.shape[0], device=x.device, dtype=x.dtype)
+        for a, c in spans:
+            torch.addmm(b, x[a:c], w.t(), out=y[a:c])
         return y
 
     def _init_groups(self, plan, group: str) -> list:
@@ -137,11 +159,30 @@ class Encoder:
             ops.qkv_input(g, i, x, qkv, lw, self)
 
     def forward(self, plan) -> torch.Tensor:
-        """Final hidden states [T, h] of the plan's (sorted) tokens."""
+        """Final hidden states [T, h] of the plan's (sorted) tokens. With lower-layer skipping
+        (``self.plot`` set and ``plan.skip_split``), the lower K layers run only on the
+        non-skipping prefix; the skipping rows' layer-K states come from the tri-gram table."""
+        split = plan.skip_split if self.plot is not None else None
+        if split is None or split[0] == plan.num_seqs:
+            plan.wait_layer(0)
+            return self._layers(plan, self.embed(plan), 0)
+        ns, nt = split
+        K = self.plot.skip
+        parts = []
+        if ns:
+            sub = plan.prefix(ns, nt)
+            plan.wait_layer(0)
+            parts.append(self._layers(sub, self.embed(sub), 0, K))
+        parts.append(self.plot.plan_states(plan, nt))
+        return self._layers(plan, torch.cat(parts) if len(parts) > 1 else parts[0], K)
+
+    def _layers(self, plan, x: torch.Tensor, start: int, stop: int | None = None) -> torch.Tensor:
+        """Layers [start, stop) on x; waits for the heads' uploads after the last layer."""
         heads = self.dims.heads
-        plan.wait_layer(0)
-        x = self.embed(plan)
-        for i, lw in enumerate(self.base.layers):
+        layers = self.base.layers
+        stop = len(layers) if stop is None else stop
+        for i in range(start, stop):
+            lw = layers[i]
             plan.wait_layer(i)
             qkv = self._gemm(plan, i, "qkv", lw, x)
             self._qkv_input(plan, i, x, qkv, lw)
@@ -158,5 +199,6 @@ class Encoder:
             self._scale(plan, i, "scale.ffn_out", o2)
             self._output(plan, i, "ffn", o2)
             x = self._add_layer_norm(plan, i, "ffn_ln", x, o2, *lw.params("ffn_ln"))
-        plan.wait_layer(len(self.base.layers))  # heads
+        if stop == len(layers):
+            plan.wait_layer(len(layers))  # heads
         return x

@@ -125,6 +125,7 @@ class PetGroup:
     bank: Any  # SlotBank or None (diff / maskbert / none)
     seg: Segments
     tenants: list = field(default_factory=list)  # [(resident, t0, t1)] absolute token ranges
+    kernel_map: Any = None  # bank-less groups: tiles + tenant pointer table, built by pets/sparse.py on first use
 
 
 @dataclass
@@ -177,6 +178,22 @@ class BatchPlan:
     layer_events: list = field(default_factory=list)  # per layer (+1 for heads): upload events to wait on
     seq_bounds: Any = None  # ([T] start, [T] end) of each token's sequence: attention builds it on first use
     packer: IndexPacker | None = None  # keeps the pinned index buffer alive until its copy is done
+    skip_split: tuple[int, int] | None = None  # lower-layer skipping: (sequences, tokens) of the
+    # non-skipping prefix; the skipping sequences are sorted after it (None: nobody skips)
+
+    def prefix(self, n_seqs: int, n_tokens: int) -> "BatchPlan":
+        """The plan of the first n_seqs sorted sequences (their PET groups only): what the lower
+        layers run on when the other rows skip them."""
+        cu = self.cu_host[:n_seqs + 1]
+        sub = BatchPlan(num_seqs=n_seqs, num_tokens=n_tokens, max_len=int(self.lengths_host[:n_seqs].max()),
+                        order=self.order[:n_seqs], input_ids=self.input_ids[:n_tokens],
+                        token_type_ids=self.token_type_ids[:n_tokens] if self.token_type_ids is not None else None,
+                        positions=self.positions[:n_tokens], cu_seqlens=self.cu_seqlens[:n_seqs + 1],
+                        lengths_host=self.lengths_host[:n_seqs], cu_host=cu, tok_seq=self.tok_seq[:n_tokens],
+                        cu64=self.cu64[:n_seqs + 1], position_offset=self.position_offset,
+                        layer_events=self.layer_events)
+        sub.groups = [g for g in self.groups if g.seg.t1 <= n_tokens]
+        return sub
 
     @property
     def local_pos(self) -> torch.Tensor:
@@ -309,7 +326,8 @@ def _as_np(t) -> np.ndarray:
 
 
 def build_plan(input_ids, token_type_ids, cu_seqlens, residents: list, position_offset: int,
-               device: torch.device, want_tiles: bool, stream=None, tenant_index=None, seqs=None) -> BatchPlan:
+               device: torch.device, want_tiles: bool, stream=None, tenant_index=None, seqs=None,
+               skip=None) -> BatchPlan:
     """Two calling forms:
 
     * ``residents[b]`` is the Resident of original sequence b (None: base-only, no head);
@@ -318,8 +336,9 @@ def build_plan(input_ids, token_type_ids, cu_seqlens, residents: list, position_
 
     ``seqs`` (optional, sorted original sequence indices) computes only those sequences; the
     others (failed tenants) are left out of the plan. ``plan.order[j]`` is always the ORIGINAL
-    batch index of sorted sequence j. Everything is whole-array numpy: no Python loop per
-    sequence or token (only per PET group / head group, bounded by config diversity, and per
+    batch index of sorted sequence j. ``skip`` (bool per distinct resident, lower-layer
+    skipping; False for None) sorts the skipping sequences after all others and sets
+    ``plan.skip_split``. Everything is whole-array numpy: no Python loop per sequence or token (only per PET group / head group, bounded by config diversity, and per
     tenant of the bank-less diff / MaskBERT groups).
     """
     cu_all = _as_np(cu_seqlens).astype(np.int64, copy=False)
@@ -332,7 +351,9 @@ def build_plan(input_ids, token_type_ids, cu_seqlens, residents: list, position_
                        dtype=np.int64, count=(len(uniq) + 1) * nf).reshape(-1, nf)
     sel = np.arange(cu_all.size - 1, dtype=np.int64) if seqs is None else np.asarray(seqs, dtype=np.int64)
     trow = rows[tidx[sel]]  # [n, 9] per (selected) sequence
-    order_local = np.lexsort((trow[:, 2], trow[:, 1], trow[:, 0]))  # stable: ties keep batch order
+    skip_seq = np.asarray(skip, dtype=bool)[tidx[sel]] if skip is not None else None
+    order_local = np.lexsort((trow[:, 2], trow[:, 1], trow[:, 0]) +
+                             ((skip_seq,) if skip_seq is not None else ()))  # stable: ties keep batch order
     order = sel[order_local]
     tr = trow[order_local]
     ten_sorted = tidx[order]  # index into uniq per sorted sequence
@@ -360,7 +381,13 @@ def build_plan(input_ids, token_type_ids, cu_seqlens, residents: list, position_
 
     # PET groups: runs of sorted sequences with the same (pet_type, bank); base-only rows excluded.
     pet, bank = tr[:, 0], tr[:, 1]
-    cut = np.flatnonzero((pet[1:] != pet[:-1]) | (bank[1:] != bank[:-1])) + 1
+    brk = (pet[1:] != pet[:-1]) | (bank[1:] != bank[:-1])
+    if skip_seq is not None:
+        sk = skip_seq[order_local]
+        brk |= sk[1:] != sk[:-1]  # a PET group never straddles the skipping boundary
+        ns = int(B - sk.sum())
+        plan.skip_split = (ns, int(new_cu[ns]))
+    cut = np.flatnonzero(brk) + 1
     starts = np.concatenate([[0], cut]).astype(np.int64)
     ends = np.concatenate([cut, [B]]).astype(np.int64)
     group_handles = []

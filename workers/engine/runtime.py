@@ -35,6 +35,7 @@ from workers.engine.kernels import interpret, triton_available
 from workers.engine.model_loading import load_base
 from workers.engine.options import EngineOptions
 from workers.engine.plan import build_plan
+from workers.engine.plot.serve import PlotRuntime, lowest_layer, plot_skip
 from workers.engine.pool import AdapterPool, Loader, PoolConfig, Resident
 
 
@@ -65,11 +66,27 @@ def _info(r: Resident) -> TenantInfo:
 class Engine:
     def __init__(self, model_dir: str, load_delta: Loader, device: str | None = None,
                  dtype: torch.dtype | None = None, pool_config: PoolConfig | None = None,
-                 max_inflight: int = 2, options: EngineOptions | None = None):
+                 max_inflight: int = 2, options: EngineOptions | None = None,
+                 plot_device_bytes: int = 1 << 30, plot_host_bytes: int = 4 << 30):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         base = load_base(model_dir)
         self.encoder = Encoder(base, self.device, self.dtype, options)
+        # A skipping base (plot.safetensors beside the checkpoint): tenants whose delta touches
+        # only layers >= K get their layer-K states from the tri-gram table. The lowest layer of
+        # each tenant is noted as its delta loads (the pool calls the loader on every cold load).
+        self.plot = None
+        self._lowest: dict[str, int] = {}
+        if plot_skip(model_dir) is not None:
+            self.plot = PlotRuntime(model_dir, self.encoder.base, self.device, self.dtype,
+                                    plot_device_bytes, plot_host_bytes)
+            self.encoder.plot = self.plot
+            inner, n_layers = load_delta, base.dims.layers
+
+            def load_delta(tenant_id: str):
+                d = inner(tenant_id)
+                self._lowest[tenant_id] = lowest_layer(d.tensors, n_layers)
+                return d
         self.dims = base.dims
         self.pool = AdapterPool(self.dims, self.device, self.dtype, load_delta, pool_config,
                                 has_pooler=base.pooler_w is not None)
@@ -108,6 +125,17 @@ class Engine:
     @property
     def options(self) -> EngineOptions:
         return self.encoder.options
+
+    def skips(self, tenant_id: str) -> bool | None:
+        """Whether a loaded tenant skips the lower layers (None: not a skipping base, or not loaded)."""
+        if self.plot is None or tenant_id not in self._lowest:
+            return None
+        return self._lowest[tenant_id] >= self.plot.skip
+
+    def plot_stats(self) -> dict | None:
+        """Lower-layer skipping: K, table rows / bytes per tier, hits, misses, lookup and compute
+        time (None for a plain base). For /metrics."""
+        return self.plot.report() if self.plot is not None else None
 
     def tuned_choices(self) -> dict:
         """The kernel options and what "auto" chose so far (startup log, /metrics)."""
@@ -174,8 +202,12 @@ class Engine:
             ress = [r if k else None for r, k in zip(ress, ok)]
         copy_ctx = torch.cuda.stream(self.copy_stream) if self._cuda else contextlib.nullcontext()
         with copy_ctx:
+            skip = None
+            if self.plot is not None:
+                k = self.plot.skip
+                skip = [r is not None and self._lowest.get(r.tenant_id, 0) >= k for r in ress]
             plan = build_plan(b.input_ids, b.token_type_ids, b.cu_seqlens, ress, self.encoder.base.position_offset,
-                              self.device, self._want_tiles, tenant_index=row_t, seqs=seqs)
+                              self.device, self._want_tiles, tenant_index=row_t, seqs=seqs, skip=skip)
             if self._cuda:
                 copied = torch.cuda.Event()
                 copied.record(self.copy_stream)

@@ -1,0 +1,177 @@
+"""Lower-layer skipping (issue 13): the table-assembled layer-K states against a direct
+reference of the shallow part (plain transformers layers, one window at a time), unseen tri-grams
+computed then served from the table, and mixed batches of skipping and non-skipping tenants."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.engine.conftest import dims_of
+from workers.engine.batch import PackedBatch
+from workers.engine.model_loading import load_base
+from workers.engine.plot import build
+from workers.engine.plot import trigrams as tg
+from workers.engine.plot.serve import PlotRuntime, plot_skip
+from workers.engine.plot.shallow import ShallowWeights
+from workers.engine.pool import PoolConfig
+from workers.engine.runtime import Engine
+from workers.engine.synthetic import random_delta
+
+K = 2
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    """(plain 3-layer base, its skipping base with K = 2 and a perturbed, non-trivial shallow part)."""
+    from transformers import BertConfig, BertModel
+    torch.manual_seed(1)
+    cfg = BertConfig(vocab_size=120, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                     intermediate_size=128, max_position_embeddings=64, type_vocab_size=2)
+    m = BertModel(cfg).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.1)
+    base_dir = tmp_path_factory.mktemp("plot_base")
+    m.save_pretrained(base_dir, safe_serialization=True)
+    sw = ShallowWeights.init_from(load_base(str(base_dir)), K)
+    g = torch.Generator().manual_seed(2)
+    for t in sw.params():  # the shallow part's own weights differ from the base's lower layers
+        t.add_(torch.randn(t.shape, generator=g) * 0.05)
+    out = tmp_path_factory.mktemp("plot_skip")
+    build.write_base(str(base_dir), out, sw, {"base": str(base_dir), "skip": K}, None)
+    return str(base_dir), str(out), sw
+
+
+def _reference(base_dir: str, sw: ShallowWeights, ids: list[int], tt: list[int]) -> torch.Tensor:
+    """Layer-K states of one sequence, straight from SkipBERT's definition with HF modules."""
+    from transformers import BertModel
+    m = BertModel.from_pretrained(base_dir, attn_implementation="eager").eval()
+    h = m.config.hidden_size
+    with torch.no_grad():
+        for i, lw in enumerate(sw.layers):
+            L = m.encoder.layer[i]
+            for j, mod in enumerate((L.attention.self.query, L.attention.self.key, L.attention.self.value)):
+                mod.weight.copy_(lw.qkv_w[j * h:(j + 1) * h])
+                mod.bias.copy_(lw.qkv_b[j * h:(j + 1) * h])
+            for mod, w, b in ((L.attention.output.dense, lw.attn_out_w, lw.attn_out_b),
+                              (L.attention.output.LayerNorm, lw.attn_ln_w, lw.attn_ln_b),
+                              (L.intermediate.dense, lw.ffn_in_w, lw.ffn_in_b),
+                              (L.output.dense, lw.ffn_out_w, lw.ffn_out_b),
+                              (L.output.LayerNorm, lw.ffn_ln_w, lw.ffn_ln_b)):
+                mod.weight.copy_(w)
+                mod.bias.copy_(b)
+        n = len(ids)
+        tri = []
+        for t in range(n):  # window t as its own 3-token sequence; edges masked out
+            win = [ids[t - 1] if t > 0 else 0, ids[t], ids[t + 1] if t + 1 < n else 0]
+            mask = torch.tensor([[t > 0, True, t + 1 < n]]).long()
+            hs = m(input_ids=torch.tensor([win]), attention_mask=mask, output_hidden_states=True).hidden_states[K][0]
+            gated = hs * torch.sigmoid(hs @ sw.gate_w + sw.gate_b)[:, None]
+            tri.append(gated * mask[0, :, None])
+        rows = []
+        for t in range(n):
+            s = tri[t][1] + (tri[t + 1][0] if t + 1 < n else 0) + (tri[t - 1][2] if t > 0 else 0)
+            s = s + sw.pos2[t] + sw.type2[tt[t]]
+            rows.append(F.layer_norm(s, (h,), sw.ln_w, sw.ln_b, m.config.layer_norm_eps))
+        return torch.stack(rows)
+
+
+def _packed(seqs, tts):
+    lens = [len(s) for s in seqs]
+    cu = torch.tensor([0] + np.cumsum(lens).tolist())
+    return torch.tensor(sum(seqs, [])), cu, torch.tensor(sum(tts, []))
+
+
+def _states(rt: PlotRuntime, seqs, tts, use_table=True):
+    ids, cu, tt = _packed(seqs, tts)
+    tok_seq = torch.repeat_interleave(torch.arange(len(seqs)), cu[1:] - cu[:-1])
+    local = torch.arange(ids.numel()) - cu[tok_seq]
+    hp, hn = tg.neighbours(cu, tok_seq, local)
+    return rt.lower_states(ids, tt, local, hp, hn, use_table=use_table)
+
+
+def test_keys_round_trip():
+    rng = np.random.default_rng(0)
+    win = torch.from_numpy(rng.integers(-1, 30522, size=(1000, 3)))
+    assert torch.equal(tg.unkey(tg.keys(win, 30522), 30522), win)
+
+
+def test_assembled_states_equal_reference(dirs):
+    base_dir, skip_dir, sw = dirs
+    assert plot_skip(skip_dir) == K and plot_skip(base_dir) is None
+    rt = PlotRuntime(skip_dir, load_base(skip_dir), torch.device("cpu"), torch.float32)
+    rng = np.random.default_rng(3)
+    seqs = [rng.integers(1, 120, size=n).tolist() for n in (1, 2, 7, 13)]
+    tts = [[0] * (len(s) // 2) + [1] * (len(s) - len(s) // 2) for s in seqs]
+    want = torch.cat([_reference(base_dir, sw, s, t) for s, t in zip(seqs, tts)])
+    for use_table in (False, True):
+        got = _states(rt, seqs, tts, use_table)
+        assert (got - want).abs().max() < 1e-5
+
+
+def test_unseen_trigram_computed_then_served(dirs):
+    _, skip_dir, _ = dirs
+    base = load_base(skip_dir)
+    rt = PlotRuntime(skip_dir, base, torch.device("cpu"), torch.float32)
+    seqs, tts = [[5, 6, 7, 8], [9, 5, 6]], [[0] * 4, [0] * 3]
+    direct = _states(rt, seqs, tts, use_table=False)
+    first = _states(rt, seqs, tts)
+    r1 = rt.report()
+    assert r1["misses"] == r1["lookups"] == 7 and r1["device_rows"] == 7
+    second = _states(rt, seqs, tts)
+    r2 = rt.report()
+    assert r2["misses"] == 7 and r2["hits_device"] == 7  # all served from the table
+    assert torch.equal(first, direct) and torch.equal(second, direct)
+
+    # A device tier of 4 rows and a host tier of 100: evicted rows go to pinned host memory and
+    # come back (promoted) with the same values; never a wrong state, only more copying.
+    row = 3 * 64 * 4
+    small = PlotRuntime(skip_dir, base, torch.device("cpu"), torch.float32, device_bytes=4 * row, host_bytes=100 * row)
+    a = _states(small, [[5, 6, 7, 8]], [[0] * 4])
+    b = _states(small, [[9, 5, 6]], [[0] * 3])
+    c = _states(small, [[5, 6, 7, 8]], [[0] * 4])
+    rep = small.report()
+    assert rep["device_rows"] <= 4 and rep["host_rows"] > 0 and rep["hits_host"] > 0
+    assert torch.equal(a, c) and torch.equal(torch.cat([a, b]), direct)
+
+
+def _upper_only(delta, k: int):
+    delta.tensors = {n: t for n, t in delta.tensors.items()
+                     if not n.startswith("layers.") or int(n.split(".")[1]) >= k}
+    delta.config["layers"] = list(range(k, 3))
+    return delta
+
+
+def test_mixed_batch_equals_each_alone(dirs):
+    base_dir, skip_dir, _ = dirs
+    dims = dims_of(base_dir)
+    deltas = {"lo_skip": _upper_only(random_delta("lo_skip", "lora", dims, 1, n_labels=3), K),
+              "ad_skip": _upper_only(random_delta("ad_skip", "adapter", dims, 2, n_labels=4, bottleneck=8), K),
+              "lo_full": random_delta("lo_full", "lora", dims, 3, n_labels=3),
+              "bf_full": random_delta("bf_full", "bitfit", dims, 4, n_labels=2)}
+    eng = Engine(skip_dir, lambda t: deltas[t], device="cpu", pool_config=PoolConfig(default_slots=8))
+    plain = Engine(base_dir, lambda t: deltas[t], device="cpu", pool_config=PoolConfig(default_slots=8))
+    try:
+        rng = np.random.default_rng(5)
+        tenants = ["lo_skip", "lo_full", "ad_skip", "bf_full", "lo_skip", "ad_skip", "lo_full"]
+        seqs = [rng.integers(1, 120, size=int(rng.integers(2, 20))).tolist() for _ in tenants]
+        ids, cu, _ = _packed(seqs, [[0] * len(s) for s in seqs])
+        mixed = eng.run(PackedBatch(ids, cu, tenants))
+        for t in deltas:
+            assert eng.skips(t) == t.endswith("_skip")
+        for i, (tid, s) in enumerate(zip(tenants, seqs)):
+            alone = eng.run(PackedBatch(torch.tensor(s), torch.tensor([0, len(s)]), [tid]))
+            assert mixed[i].error is None
+            assert np.abs(np.asarray(mixed[i].logits) - np.asarray(alone[0].logits)).max() < 1e-5, tid
+            if not eng.skips(tid):  # non-skipping rows: exactly the plain base's result
+                ref = plain.run(PackedBatch(torch.tensor(s), torch.tensor([0, len(s)]), [tid]))
+                assert np.abs(np.asarray(mixed[i].logits) - np.asarray(ref[0].logits)).max() < 1e-5, tid
+        stats = eng.plot_stats()
+        assert stats["skip"] == K and stats["lookups"] > 0 and stats["hits_device"] > 0
+        assert plain.plot_stats() is None
+    finally:
+        eng.close()
+        plain.close()

@@ -1,7 +1,8 @@
 """Who imports whom among Flock's packages, read from the source (AST, nothing is imported).
 
     python scripts/import_graph.py            # package -> packages it imports, as text
-    python scripts/import_graph.py --mermaid  # the same as a Mermaid graph (docs/architecture.md)
+    python scripts/import_graph.py --mermaid  # the same as a Mermaid graph
+    python scripts/import_graph.py --write-docs  # refresh the graph in docs/architecture.md
 
 ``tests/test_architecture.py`` uses :func:`package_edges` and :func:`module_imports` to hold the
 layering rules (the engine knows nothing of Kafka, schema/ imports nothing of workers/, ...).
@@ -81,14 +82,32 @@ def package_edges() -> dict[str, set[str]]:
     return dict(edges)
 
 
+DOCS = ROOT / "docs" / "architecture.md"
+DOC_BEGIN, DOC_END = "<!-- import-graph:begin -->", "<!-- import-graph:end -->"
+
+
+def mermaid() -> str:
+    edges = package_edges()
+    lines = ["```mermaid", "flowchart BT"]
+    lines += [f"  {src.replace('.', '_')}[{src}] --> {dst.replace('.', '_')}[{dst}]"
+              for src in sorted(edges) for dst in sorted(edges[src])]
+    return "\n".join(lines + ["```"])
+
+
+def write_docs() -> None:
+    doc = DOCS.read_text()
+    head, rest = doc.split(DOC_BEGIN, 1)
+    tail = rest.split(DOC_END, 1)[1]
+    DOCS.write_text(f"{head}{DOC_BEGIN}\n{mermaid()}\n{DOC_END}{tail}")
+
+
 def main(argv: list[str]) -> None:
     edges = package_edges()
     if "--mermaid" in argv:
-        print("```mermaid\nflowchart LR")
-        for src in sorted(edges):
-            for dst in sorted(edges[src]):
-                print(f"  {src.replace('.', '_')}[{src}] --> {dst.replace('.', '_')}[{dst}]")
-        print("```")
+        print(mermaid())
+        return
+    if "--write-docs" in argv:
+        write_docs()
         return
     width = max(map(len, edges))
     for src in sorted(edges):

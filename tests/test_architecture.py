@@ -81,3 +81,12 @@ def test_graph_reads_every_module() -> None:
     assert "workers.engine.runtime" in mods and "schema.layout" in mods
     assert package_of("workers.engine.pets.lora") == "workers.engine.pets"
     assert package_of("workers.client") == "workers"
+
+
+def test_docs_diagram_is_the_code_as_it_stands() -> None:
+    """docs/architecture.md embeds the generated graph; regenerate with
+    `python scripts/import_graph.py --write-docs` when rooms change."""
+    from import_graph import DOC_BEGIN, DOC_END, mermaid
+    doc = (ROOT / "docs" / "architecture.md").read_text()
+    embedded = doc.split(DOC_BEGIN, 1)[1].split(DOC_END, 1)[0].strip()
+    assert embedded == mermaid().strip()

@@ -365,6 +365,27 @@ class AdapterPool:
             self._evict(res)
             return True
 
+    def recent(self, n: int) -> list[str]:
+        """Up to n resident tenants, most recently used first (banks interleaved): what a load
+        report names when the resident set is too large to list. Read without the lock: a
+        snapshot, possibly one placement stale."""
+        orders = [reversed(list(lru)) for lru in list(self._lru.values())]
+        out: dict[str, None] = {}
+        for row in itertools.zip_longest(*orders):
+            for tid in row:
+                if tid is not None and tid in self.residents:
+                    out[tid] = None
+            if len(out) >= n:
+                break
+        return list(out)[:n]
+
+    def tier(self, tenant_id: str) -> str | None:
+        """Where a tenant's adapter is now: "device" (a slot), "host" (pinned host copy only) or None."""
+        res = self.residents.get(tenant_id)
+        if res is not None and not res.stale:
+            return "device"
+        return "host" if tenant_id in self._host else None
+
     def free_bytes(self) -> int:
         """Device budget still free for adapters: bytes no bank holds yet plus the free slots of
         the banks already allocated. Read without the pool lock (a load report must not wait for

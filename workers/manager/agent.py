@@ -32,6 +32,10 @@ from workers.manager.rates import LoadWindow
 
 log = logging.getLogger("flock.agent")
 
+# Resident tenants a heartbeat names (most recently used first; the count is always exact): enough
+# for the balancer's hot-tenant affinity, bounded however many adapters a worker holds.
+RESIDENT_LISTED = 500
+
 
 class ServingWorker(Protocol):
     stopping: asyncio.Event
@@ -180,8 +184,9 @@ class WorkerAgent:
         self._listener = self._db = None
 
     # ------------------------------------------------------------ registry
-    async def _heartbeat(self) -> None:
-        now = time.monotonic()
+    def load_report(self, now: float) -> dict[str, Any]:
+        """The heartbeat's metrics: rates with top-K tenants per partition, gauges, engine stats.
+        Its size depends on partitions and the caps here, not on how many tenants there are."""
         load = self.worker.take_load()
         self.window.add(now, load["counts"], load["highwater"], list(load["owned"]))
         report = self.window.report(now)
@@ -189,10 +194,15 @@ class WorkerAgent:
             report["partitions"].setdefault(str(p), {})["lag"] = lag
         stats = self.engine_stats()
         resident = stats.pop("resident_tenants", [])
+        count = stats.pop("resident_count", len(resident))
         report.update(queue_depth=load["queue_depth"], inflight=load["inflight"],
                       owned={str(p): e for p, e in load["owned"].items()}, releasing=load["releasing"],
-                      resident_count=len(resident), resident_tenants=resident[:500],
+                      resident_count=count, resident_tenants=resident[:RESIDENT_LISTED],
                       mode="leases" if self.follow else "static", **stats)
+        return report
+
+    async def _heartbeat(self) -> None:
+        report = self.load_report(time.monotonic())
         if self.worker.stopping.is_set():
             state = WorkerState.DRAINING
         else:
@@ -200,7 +210,7 @@ class WorkerAgent:
         async with self._db.connect() as c:
             await c.execute(REGISTER, {**self._me, "p_host": socket.gethostname(),
                                        "p_device": self.s.device if self.s.device != "auto"
-                                       else stats.get("device_kind", "auto"),
+                                       else report.get("device_kind", "auto"),
                                        "p_capacity": self.s.worker_capacity, "p_state": state, "p_metrics": report,
                                        "p_follows": self.follow})
 

@@ -134,26 +134,34 @@ def plan(workers: list[WorkerLoad], partitions: list[PartitionLoad], cfg: Balanc
     current = imbalance(load, cap)
     if force or current > cfg.threshold:
         moved = {m.partition for m in result.moves}
+        mean = sum(load.values()) / sum(cap.values())  # a move changes neither total
         while len([m for m in result.moves if m.reason == "balance"]) < cfg.max_moves and current > cfg.target:
             candidates = []
+            # A move changes two workers' loads: the new maximum is theirs or the largest of the
+            # rest, which is among the three largest now. O(partitions x workers) per move.
+            top3 = sorted(accepting, key=lambda w: -load[w] / cap[w])[:3]
             for p in partitions:
                 src = owner[p.partition]
                 if src is None or p.moving or p.partition in moved or p.dwell_s < cfg.min_dwell_s:
                     continue
+                e = eff[p.partition]
+                from_src = (load[src] - e) / cap[src]
+                others = [(load[w] / cap[w], w) for w in top3 if w != src] + [(0.0, None)] * 2
                 for dst in accepting:
                     if dst == src:
                         continue
-                    trial = dict(load)
-                    trial[src] -= eff[p.partition]
-                    trial[dst] += eff[p.partition]
-                    gain = current - imbalance(trial, cap)
+                    rest = others[0][0] if others[0][1] != dst else others[1][0]
+                    gain = current - max(rest, from_src, (load[dst] + e) / cap[dst]) / mean
                     if gain >= cfg.min_gain:
-                        candidates.append((gain, _affinity(accepting[dst], p), -p.cost, p.partition, dst, src))
+                        # rounded: equal gains stay equal whatever the float order (ties break below)
+                        candidates.append((round(gain, 9), p, dst, src))
             if not candidates:
                 break
             top = max(c[0] for c in candidates)
-            near = [c for c in candidates if c[0] >= top - cfg.near_tie]
-            _, _, _, part, dst, src = max(near, key=lambda c: (c[1], c[2], c[0], -c[3], c[4]))
+            near = [c for c in candidates if c[0] >= top - cfg.near_tie]  # affinity only for these
+            _, best, dst, src = max(near, key=lambda c: (_affinity(accepting[c[2]], c[1]), -c[1].cost, c[0],
+                                                         -c[1].partition, c[2]))
+            part = best.partition
             load[src] -= eff[part]
             load[dst] += eff[part]
             owner[part] = dst

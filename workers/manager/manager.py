@@ -26,7 +26,7 @@ from workers.manager.demand import DemandMeter
 from workers.manager.errors import NotLeader
 from workers.manager.leader import Leadership
 from workers.manager.routing import RoutePublisher, plan_routes, read_routes, recent_routes
-from workers.manager.state import Observed, balancer_inputs, observe, tenant_costs
+from workers.manager.state import Observed, balancer_inputs, observe, pet_types_of, tenant_costs
 
 log = logging.getLogger("flock.manager")
 
@@ -161,8 +161,10 @@ class Manager:
 
     async def _spread(self, conn, obs: Observed, parts: list[balancer.PartitionLoad],
                       arrivals: dict[int, float] | None) -> int:
-        known = set(obs.pet_types)
-        current = {t: p for t, p in (await read_routes(conn)).items() if t in known}
+        routed = await read_routes(conn)
+        # a deleted tenant's route goes; the reports name only heavy hitters, so ask for the rest
+        known = set(obs.pet_types) | set(await pet_types_of(conn, set(routed) - set(obs.pet_types)))
+        current = {t: p for t, p in routed.items() if t in known}
         costs = tenant_costs(obs, self.s.pet_cost_weights, arrivals)
         n = self.s.request_partitions
         # A route's effect shows in the rates only after a full window: do not judge it sooner.

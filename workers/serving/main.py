@@ -65,12 +65,13 @@ def build_engine(s: Settings, store: AdapterStore):
     return engine, model_dir
 
 
-def engine_stats(engine) -> dict:
-    """Resident tenants and free adapter memory for the load report (best effort: a report must
-    never break serving)."""
+def engine_stats(engine, resident_listed: int) -> dict:
+    """Resident tenants (how many, and the ``resident_listed`` most recently used) and free
+    adapter memory for the load report (best effort: a report must never break serving)."""
     try:
         pool = engine.pool
-        return {"resident_tenants": sorted(pool.residents), "free_adapter_bytes": pool.free_bytes(),
+        return {"resident_count": len(pool.residents), "resident_tenants": pool.recent(resident_listed),
+                "free_adapter_bytes": pool.free_bytes(),
                 "device_kind": engine.device.type}
     except Exception as exc:  # noqa: BLE001
         log.debug("engine stats unavailable: %s", exc)
@@ -96,9 +97,9 @@ async def run_worker(s: Settings) -> None:
         async def metrics_body() -> bytes:
             return merge_exposition([generate_latest(metrics.registry), *await worker.edge_metrics()])
     # The control-plane agent: registry heartbeat always, lease following in "leases" mode.
-    from workers.manager.agent import WorkerAgent
+    from workers.manager.agent import RESIDENT_LISTED, WorkerAgent
 
-    agent = WorkerAgent(s, worker, engine_stats=lambda: engine_stats(engine))
+    agent = WorkerAgent(s, worker, engine_stats=lambda: engine_stats(engine, RESIDENT_LISTED))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stop)

@@ -75,6 +75,7 @@ class TenantForward:
         self.base = self.encoder.base  # the frozen base on the device
         self.dims = base.dims
         self._banks: dict[str, SlotBank] = {}
+        self._empty: dict | None = None
         # Zero that requires grad, added to the embedding LayerNorm's bias while training: every
         # activation is then part of the graph, so the engine's in-place PET adds never land on a
         # graph leaf (autograd refuses in-place writes into views of leaves).
@@ -90,11 +91,22 @@ class TenantForward:
     def resident(self, pet_type: str, cfg: dict, bank: SlotBank | None, head_bank: SlotBank,
                  sparse: dict | None) -> Resident:
         if pet_type == HEAD_ONLY and sparse is None:
-            sparse = {}
+            sparse = self._no_change()
         task = cfg["task"]
         pooling = cfg.get("pooling", "cls") if task == "seq_cls" else "cls"
         return Resident(TENANT, 0, pet_type, task, pooling, list(cfg["labels"]), bank, 0, head_bank, 0,
                         sparse, 0, 0)
+
+    def _no_change(self) -> dict:
+        """The engine's own payload of a diff-pruning delta with no entries (cached)."""
+        if self._empty is None:
+            from workers.engine.pets.registry import PETS
+            cfg = {"task": "seq_cls", "labels": ["a", "b"], "layers": [0], "sites": ["q"]}
+            t = {"layers.0.q.delta_index": torch.zeros(0, dtype=torch.long),
+                 "layers.0.q.delta_value": torch.zeros(0)}
+            tt = PETS[HEAD_ONLY].ops.tenant_tensors(TenantDelta(TENANT, 0, HEAD_ONLY, cfg, t), t, self.dims)
+            self._empty = {n: v.to(self.device) for n, v in tt.items()}
+        return self._empty
 
     def head_bank(self, cfg: dict, t: dict[str, torch.Tensor]) -> SlotBank:
         layout = heads.bank_layout(cfg, self.dims)

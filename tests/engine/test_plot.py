@@ -175,3 +175,37 @@ def test_mixed_batch_equals_each_alone(dirs):
     finally:
         eng.close()
         plain.close()
+
+
+def test_build_plot_cli_resumes_and_serves(tmp_path, monkeypatch):
+    """`flockserve base build-plot` on MiniLM (K=2, a few steps on a tiny corpus): a derived base
+    whose table loads; a rerun with a higher step cap continues from the checkpoint."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from workers.cli import app
+    from workers.config import settings
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("".join(f"the market rose {i} points as shares of tech firms gained\n" for i in range(12)))
+    monkeypatch.setenv("FLOCK_MODELS_DIR", str(tmp_path / "models"))
+    settings.cache_clear()
+    try:
+        args = ["base", "build-plot", "all-MiniLM-L6-v2", "--skip", "2", "--corpus", str(corpus), "--out-id", "mini-p2",
+                "--batch-size", "4", "--max-length", "16", "--ckpt-every", "1", "--json"]
+        r = CliRunner().invoke(app, args + ["--max-steps", "2"])
+        assert r.exit_code == 0, r.output
+        first = json.loads(r.output)
+        assert first["steps"] == 2 and first["table_rows"] > 0
+        r = CliRunner().invoke(app, args + ["--max-steps", "3"])
+        assert r.exit_code == 0, r.output
+        again = json.loads(r.output)
+        assert again["steps"] == 3 and again["loss_first"] == first["loss_first"]  # resumed, not restarted
+        out = tmp_path / "models" / "mini-p2"
+        assert plot_skip(str(out)) == 2
+        rt = PlotRuntime(str(out), load_base(str(out)), torch.device("cpu"), torch.float32)
+        assert rt.loaded == again["table_rows"]
+        bad = CliRunner().invoke(app, ["base", "build-plot", "all-MiniLM-L6-v2", "--skip", "6", "--corpus", str(corpus)])
+        assert bad.exit_code == 1 and "error: --skip must be in 1..5" in bad.output
+    finally:
+        settings.cache_clear()

@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "workers.cli.control",
     "workers.cli.traffic",
     "workers.trainer.cli_jobs",
+    "workers.cli.base",  # flockserve base build-plot (issue 13)
 )
 
 for _m in COMMAND_MODULES:

@@ -11,7 +11,7 @@ embedding and a LayerNorm, distilled to reproduce the full model's layer-K state
 * ``table``     the device / pinned-host table with a byte budget and LRU;
 * ``serve``     what the engine holds: layer-K states of a packed token range from the table;
 * ``build``     distillation on an unlabelled corpus and the table of its tri-grams;
-* ``cli``       ``flockserve base build-plot``.
+* the CLI, ``flockserve base build-plot``, lives in ``workers/cli/base.py`` (the engine imports no CLI).
 """
 
 PLOT_FILE = "plot.safetensors"  # the shallow part, in a skipping base's directory

@@ -187,9 +187,10 @@ def distil(base_dir: str, texts: list[str], spec: DistilSpec, out: Path,
         opt.step()
         step += 1
         state["step"] = step
-        state["losses"].append([round(float(lk), 6), round(float(lL), 6)])
+        lk, lL = float(lk.detach()), float(lL.detach())
+        state["losses"].append([round(lk, 6), round(lL, 6)])
         if progress:
-            progress("distil", step, total, {"loss_k": float(lk), "loss_final": float(lL)})
+            progress("distil", step, total, {"loss_k": lk, "loss_final": lL})
         if step % spec.ckpt_every == 0 or step == total:
             _save_ckpt(out, sw, opt, state)
     sw = ShallowWeights.from_tensors({k: v.detach().cpu() for k, v in sw.tensors().items()}, spec.skip)
@@ -245,3 +246,17 @@ def write_base(base_dir: str, out: Path, sw: ShallowWeights, meta: dict,
     if table is not None:
         keys, vals = table
         save_file({"keys": keys.contiguous(), "values": vals.contiguous()}, str(out / TABLE_FILE))
+
+
+def build_skipping_base(base_id: str, base_dir: str, out: Path, corpus: Sequence[str], spec: DistilSpec,
+                        progress: ProgressFn | None = None) -> dict:
+    """Distil, tabulate, write ``out`` (a base directory); returns a summary. Rerun to resume."""
+    texts = read_corpus(corpus)
+    sw, run = distil(base_dir, texts, spec, out, progress)
+    table = corpus_table(base_dir, sw, texts, spec, progress)
+    meta = {"base": base_id, "skip": spec.skip, "corpus": [str(c) for c in corpus], "texts": len(texts),
+            "steps": run["steps"], "loss_first": run["first_loss"], "loss_last": run["last_loss"],
+            "table_rows": int(table[0].numel()), "table_dtype": spec.table_dtype}
+    write_base(base_dir, out, sw, meta, table)
+    return {"out": str(out), **meta,
+            "table_bytes": int(table[1].numel() * table[1].element_size())}

@@ -1,5 +1,6 @@
 """The Triton fast path (packed-window attention, LoRA expand into the GEMM, fused add+LayerNorm
-with BitFit per-row gamma/beta, row-wise BitFit bias / IA3 scale epilogues) run on CPU through
+with BitFit per-row gamma/beta, row-wise BitFit bias / IA3 scale epilogues, batched diff-pruning
+and MaskBERT) run on CPU through
 Triton's interpreter (TRITON_INTERPRET=1, fp32) must match the plain torch path."""
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ out, path = sys.argv[1], sys.argv[2]
 h, L, heads, m = 32, 2, 2, 64
 save_random_bert(path, hidden=h, layers=L, heads=heads, intermediate=m, vocab=300, max_pos=80, std=0.05)
 dims = BaseDims(h, m, L, heads)
-kinds = ["lora", "bitfit", "ia3", "adapter"]
-deltas = {f"t{i}": random_delta(f"t{i}", kinds[i % 4], dims, seed=i, n_labels=2 + i % 3, r=[4, 8][i % 2],
+kinds = ["lora", "bitfit", "ia3", "adapter", "diff", "maskbert"]  # diff / MaskBERT: batched sparse kernels
+deltas = {f"t{i}": random_delta(f"t{i}", kinds[i % len(kinds)], dims, seed=i, n_labels=2 + i % 3, r=[4, 8][i % 2],
                                 sites=["q", "v", "ffn_out"] if i % 2 else None, bottleneck=16, scale=0.1,
                                 pooling=["cls", "mean"][i % 2], task="token_cls" if i % 5 == 0 else "seq_cls")
           for i in range(12)}

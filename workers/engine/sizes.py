@@ -11,7 +11,7 @@ BERT_BASE = BaseDims(hidden=768, intermediate=3072, layers=12, heads=12)
 
 def bytes_per_tenant(pet_type: str, cfg: dict, dims: BaseDims = BERT_BASE, elem_bytes: int = 2,
                      density: float = 0.01) -> int:
-    """Device bytes of one tenant. diff: nonzeros at ``density`` (int64 col + int64 in + value);
+    """Device bytes of one tenant. diff: nonzeros at ``density`` (int32 code + value);
     maskbert: 1 bit per weight of each masked site. Includes the task head slot."""
     if pet_type not in PETS:
         raise ValueError(pet_type)

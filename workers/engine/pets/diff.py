@@ -1,6 +1,18 @@
 """Diff-pruning: W' = W + dense(dW) per tenant, dW given as flat row-major (out, in) indices +
-values, plus optional bias deltas. Computed sparsely: y[:, o] += sum over nonzeros x[:, i] * v
-(fp32 accumulate), per tenant on its own contiguous rows (no slot bank).
+values, plus optional bias deltas; y[:, o] += sum over nonzeros x[:, i] * v (fp32 accumulate).
+
+Packed at load time (per tenant, no slot bank) for the batched kernel
+(``kernels/triton_sparse.diff_add``: every diff tenant of a batch in one launch per layer and
+site group):
+
+* ``meta`` int32: [code_base, header (layer, site group) -> (block pointer offset | -1, bias
+  offset | -1), block pointers, codes]. Per (layer, site group) the nonzeros of its member sites
+  (q|k|v columns side by side) are sorted by output block of BLOCK_N columns, then by input
+  column; the block's pointers index ``val`` / the codes (code = in << 8 | column in the block).
+* ``val``: the values in that order (a differentiable gather of ``delta_value``: the trainer
+  retrains them through this path); ``bias``: the bias deltas, site group rows side by side.
+
+Without Triton (CPU) the same layout runs as an index_add per tenant on its own rows.
 """
 
 from __future__ import annotations
@@ -10,22 +22,31 @@ import torch
 from schema.layout import LINEAR_SITES, BaseDims
 from workers.engine.batch import TenantDelta
 from workers.engine.errors import AdapterLoadError
-from workers.engine.pets.common import GROUPS, SITE_GROUP, group_out, layers_of, site_col, weight_count
+from workers.engine.pets import sparse
+from workers.engine.pets.common import GROUPS, SITE_GROUP, group_in, group_out, layers_of, site_col, weight_count
 
 DEFAULT_SITES = list(LINEAR_SITES)
+BLOCK_N = 32  # output columns per packed block (<= 256: the column inside a block is a code's low byte)
+TENSORS = ("meta", "val", "bias")  # the kernel's pointer table columns
+
+
+def _header_len(dims: BaseDims) -> int:
+    return 1 + 2 * dims.layers * len(GROUPS)
 
 
 def tenant_tensors(delta: TenantDelta, t: dict[str, torch.Tensor], dims: BaseDims) -> dict[str, torch.Tensor]:
-    """Per (layer, group): col index, in index, value (nonzeros of all member sites), bias delta."""
-    out: dict[str, torch.Tensor] = {}
     sites = delta.config.get("sites", DEFAULT_SITES)
+    head = [-1] * _header_len(dims)
+    blks, codes, vals, biases = [], [], [], []
+    pos, nnz, nbias = _header_len(dims), 0, 0
     for i in layers_of(delta.config, dims):
-        for g in GROUPS:
+        for gi, g in enumerate(GROUPS):
             ms = [s for s in sites if SITE_GROUP[s] == g]
             if not ms:
                 continue
-            cols, ins, vals = [], [], []
-            bias = torch.zeros(group_out(g, dims))
+            N, K = group_out(g, dims), group_in(g, dims)
+            cols, ins, vs = [], [], []
+            bias = torch.zeros(N)
             has_bias = False
             for s in ms:
                 o_f, i_f = dims.site_shape(s)
@@ -36,23 +57,40 @@ def tenant_tensors(delta: TenantDelta, t: dict[str, torch.Tensor], dims: BaseDim
                     raise AdapterLoadError(f"tenant {delta.tenant_id}: layers.{i}.{s}.delta_index out of range")
                 cols.append(idx // i_f + site_col(s, dims))
                 ins.append(idx % i_f)
-                vals.append(val)
+                vs.append(val)
                 bname = f"layers.{i}.{s}.bias"
                 if bname in t:
                     c = site_col(s, dims)
                     bias[c:c + o_f] = t[bname]
                     has_bias = True
-            out[f"{i}.{g}.col"] = torch.cat(cols)
-            out[f"{i}.{g}.in"] = torch.cat(ins)
-            out[f"{i}.{g}.val"] = torch.cat(vals)
+            hdr = 1 + 2 * (i * len(GROUPS) + gi)
+            col, inn = torch.cat(cols), torch.cat(ins)
+            if col.numel():
+                blk = col // BLOCK_N
+                order = torch.argsort((blk * K + inn) * BLOCK_N + col % BLOCK_N)
+                nb = -(-N // BLOCK_N)
+                ptr = torch.zeros(nb + 1, dtype=torch.int64)
+                ptr[1:] = torch.cumsum(torch.bincount(blk, minlength=nb), 0)
+                head[hdr] = pos
+                blks.append(ptr + nnz)
+                pos += nb + 1
+                codes.append(((inn << 8) | (col % BLOCK_N))[order])
+                vals.append(torch.cat(vs)[order])
+                nnz += col.numel()
             if has_bias:
-                out[f"{i}.{g}.bias"] = bias
-    return out
+                head[hdr + 1] = nbias
+                biases.append(bias)
+                nbias += N
+    head[0] = pos  # code_base: codes follow the block pointers
+    meta = torch.cat([torch.tensor(head, dtype=torch.int64)] + blks + codes).to(torch.int32)
+    return {"meta": meta, "val": torch.cat(vals) if vals else torch.zeros(0),
+            "bias": torch.cat(biases) if biases else torch.zeros(0)}
 
 
 def tenant_bytes(cfg: dict, dims: BaseDims, elem_bytes: int, density: float) -> int:
-    """Device bytes of one tenant at ``density`` nonzeros (int64 col + int64 in + value each)."""
-    return int(weight_count(cfg, dims, DEFAULT_SITES) * density) * (8 + 8 + elem_bytes)
+    """Device bytes of one tenant at ``density`` nonzeros: int32 code + value each, block pointers."""
+    blocks = sum(-(-group_out(g, dims) // BLOCK_N) + 1 for g in GROUPS) * len(layers_of(cfg, dims))
+    return int(weight_count(cfg, dims, DEFAULT_SITES) * density) * (4 + elem_bytes) + 4 * (blocks + _header_len(dims))
 
 
 def linear_touches(group, site_group: str) -> bool:
@@ -60,16 +98,29 @@ def linear_touches(group, site_group: str) -> bool:
 
 
 def linear(group, layer: int, site_group: str, x: torch.Tensor, y: torch.Tensor, base_layer=None, enc=None) -> None:
+    hdr = layer * len(GROUPS) + GROUPS.index(site_group)
+    seg = group.seg
+    if sparse.use_triton(x):
+        from workers.engine.kernels.triton_sparse import diff_add
+        tiles, n_tiles, table = sparse.launch_map(group, TENSORS)
+        diff_add(x[seg.t0:seg.t1], y[seg.t0:seg.t1], table, tiles, n_tiles, hdr, BLOCK_N)
+        return
+    N = y.shape[1]
+    nb = -(-N // BLOCK_N)
     for res, t0, t1 in group.tenants:
         d = res.sparse
-        col = d.get(f"{layer}.{site_group}.col")
-        if col is None:
+        meta = d["meta"]
+        bo, bi = meta[1 + 2 * hdr:3 + 2 * hdr].tolist()
+        if bo < 0 and bi < 0:
             continue
-        xs = x[t0:t1]
-        contrib = xs.index_select(1, d[f"{layer}.{site_group}.in"]).float() * d[f"{layer}.{site_group}.val"]
-        acc = torch.zeros(t1 - t0, y.shape[1], device=y.device, dtype=torch.float32)
-        acc.index_add_(1, col, contrib)
-        bias = d.get(f"{layer}.{site_group}.bias")
-        if bias is not None:
-            acc += bias
+        acc = torch.zeros(t1 - t0, N, device=y.device, dtype=torch.float32)
+        if bo >= 0:
+            ptr = meta[bo:bo + nb + 1].long()
+            j0, j1, cb = int(ptr[0]), int(ptr[-1]), int(meta[0])
+            code = meta[cb + j0:cb + j1].long()
+            col = torch.repeat_interleave(torch.arange(nb, device=y.device) * BLOCK_N, ptr.diff()) + (code & 255)
+            contrib = x[t0:t1].index_select(1, code >> 8).float() * d["val"][j0:j1].float()
+            acc.index_add_(1, col, contrib)
+        if bi >= 0:
+            acc += d["bias"][bi:bi + N].float()
         y[t0:t1] += acc.to(y.dtype)

@@ -31,6 +31,9 @@ HOOKS = {
     "linear_init": ("can_init", "linear_init"),
     # linear(..., act="gelu_tanh"): the delta and the FFN activation in one row-wise pass
     "linear_act": ("linear",),
+    # its linear() writes the group's rows of every site group's output entirely (x W'^T + b):
+    # the shared GEMM skips those rows (MaskBERT: one product per row instead of two)
+    "linear_replace": (),
     # scale(g, i, name, y): named per-feature scales between the ops (module doc of pets/ia3.py);
     # scales(g, name): whether the group has that scale
     "scale": ("scale", "scales"),
@@ -78,7 +81,7 @@ PETS: dict[str, PetType] = {p.name: p for p in (
     PetType("bitfit", ("linear", "linear_act", "layer_norm"), banked=True, cost_weight=1.0),
     PetType("ia3", ("scale", "qkv_input"), banked=True, cost_weight=1.0),
     PetType("diff", ("linear",), banked=False, cost_weight=1.25),
-    PetType("maskbert", ("linear",), banked=False, cost_weight=1.20),
+    PetType("maskbert", ("linear", "linear_replace"), banked=False, cost_weight=1.20),
 )}
 
 if tuple(PETS) != PET_TYPES:  # the contract's list and the engine's must agree, same order

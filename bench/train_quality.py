@@ -147,11 +147,12 @@ def _table(results: list[dict]) -> None:
     from rich.console import Console
     from rich.table import Table
     t = Table(title="trained adapters vs full fine-tuning (held-out test split)")
-    for c in ("data set", "type", "accuracy", "macro-F1", "vs full (pts)", "bytes/tenant", "s/epoch"):
-        t.add_column(c, justify="left" if c in ("data set", "type") else "right")
+    for c in ("data set", "type", "accuracy", "macro-F1", "vs full (pts)", "KB per tenant", "s/epoch"):
+        # headers wrap at their spaces (never cut to "bytes/tena…" at 80 columns)
+        t.add_column(c, justify="left" if c in ("data set", "type") else "right", overflow="fold")
     for r in results:
         t.add_row(r["dataset"], r["type"], f"{r['test_accuracy']:.4f}", f"{r['test_macro_f1']:.4f}",
-                  f"{r.get('acc_gap_to_full_pts', 0):+.2f}", f"{r['bytes_per_tenant']:,d}",
+                  f"{r.get('acc_gap_to_full_pts', 0):+.2f}", f"{r['bytes_per_tenant'] / 1000:,.0f}",
                   f"{r['seconds_per_epoch']:.1f}")
     Console().print(t)
 

@@ -139,6 +139,48 @@ def train_tenants(docs, state_dir: Path) -> dict[str, dict]:
     return plan
 
 
+def train_through_jobs_topic(docs, state_dir: Path) -> dict[str, dict]:
+    """One training job through the flock.train topic, run by a `flockserve trainer` process, and
+    its outcome as `flockserve job show` prints it (issue 12 item 2)."""
+    import json
+
+    from demo_tenants import TOPICS
+    from workers.tenants import TenantExists, TenantRegistry
+    from workers.db import session_factory
+
+    tid = "demo-job-lora"
+    data = state_dir / "train" / "demo-bbc-train.jsonl"  # written by train_tenants
+    outcome = state_dir / "train" / f"{tid}.json"
+    if not outcome.exists():  # once per state dir, like the other tenants
+        try:
+            TenantRegistry(session_factory()).create(tid, "demo tenant trained by a job on flock.train")
+        except TenantExists:
+            pass
+        console.print(rf"\[demo] training {tid} through the jobs topic: flockserve job submit {tid} {data.name} "
+                      "--pet-type lora --wait (a `flockserve trainer` process consumes it)", highlight=False)
+        cli = [sys.executable, "-m", "workers.cli"]
+        trainer = subprocess.Popen([*cli, "trainer", "--device", "cpu", "--max-jobs", "1"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            done = subprocess.run([*cli, "job", "submit", tid, str(data), "--pet-type", "lora", "--config",
+                                   '{"r": 8, "sites": ["q", "v"]}', "--epochs", "1", "--max-length", "64",
+                                   "--batch-size", "16", "--wait", "--timeout", "900", "--json"],
+                                  capture_output=True, text=True)
+            if done.returncode != 0:
+                raise SystemExit(f"training job for {tid} failed: {done.stderr.strip() or done.stdout.strip()}")
+            trainer.wait(timeout=60)
+        finally:
+            if trainer.poll() is None:
+                trainer.terminate()
+        outcome.write_text(done.stdout)
+    row = json.loads(outcome.read_text())
+    console.print(rf"\[demo]   job {row['job_id']}: {row['state']} after {row['attempts']} attempt(s), "
+                  f"version {row['adapter_version']}, held-out accuracy {row['metrics']['accuracy']:.1%}",
+                  highlight=False)
+    m = {**row["metrics"], "pet_type": row["pet_type"], "version": row["adapter_version"]}
+    return {tid: {"pet": "lora (trained by a job)", "labels": list(TOPICS), "trained": m}}
+
+
 def start_worker(log_path: Path) -> subprocess.Popen:
     env = {**os.environ, "FLOCK_HTTP_PORT": str(HTTP_PORT), "FLOCK_DEVICE": os.environ.get("FLOCK_DEVICE", "auto"),
            "FLOCK_WORKER_ID": "demo-worker-1"}
@@ -297,7 +339,7 @@ def main() -> None:
     plan = register_tenants(docs)
     state_dir = Path(os.environ.get("FLOCK_STATE_DIR") or ROOT / ".flock")
     plan.update(train_tenants(docs, state_dir))
-    # (issue 12 item 2) submitting one training job through the flock.train topic goes here.
+    plan.update(train_through_jobs_topic(docs, state_dir))
     log_path = state_dir / "logs" / "demo-worker.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     console.print(rf"\[demo] starting a worker (log: {log_path})")

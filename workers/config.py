@@ -87,7 +87,13 @@ class Settings(BaseSettings):
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     # "all" / "0,1,4-7": static assignment (no manager needed); "leases": follow the manager's leases.
     partitions: str = "all"
-    worker_capacity: float = 1.0  # relative throughput of this worker, for the balancer
+    # Relative throughput for the balancer, in thousands of tokens/s: measured at start by a short
+    # timed forward pass (workers/serving/capacity.py) unless set here (then set on every worker).
+    worker_capacity: float | None = None
+    # One command, several workers (`flockserve worker run --gpus/--replicas`, workers/serving/
+    # supervisor.py): one process per GPU ("all", a count, or ordinals "0,1"), or N CPU workers.
+    gpus: str = ""
+    replicas: int = Field(0, ge=0)
     max_seq_len: int = 512  # tokens; longer inputs get input_too_large unless truncate is set
     truncate: bool = False
     batch_max_tokens: int = 16384

@@ -92,8 +92,11 @@ STOPPED = (update(W).where(W.c.worker_id == bindparam("p_me"))
 
 
 class WorkerAgent:
-    def __init__(self, s: Settings, worker: ServingWorker, engine_stats: Callable[[], dict] = dict):
+    def __init__(self, s: Settings, worker: ServingWorker, engine_stats: Callable[[], dict] = dict,
+                 capacity: float | None = None):
         self.s = s
+        # registered as workers.capacity: measured at start (serving/capacity.py), else the setting
+        self.capacity = capacity if capacity is not None else (s.worker_capacity or 1.0)
         self.worker = worker
         self.engine_stats = engine_stats
         self.follow = follows_leases(s.partitions)
@@ -211,7 +214,7 @@ class WorkerAgent:
             await c.execute(REGISTER, {**self._me, "p_host": socket.gethostname(),
                                        "p_device": self.s.device if self.s.device != "auto"
                                        else report.get("device_kind", "auto"),
-                                       "p_capacity": self.s.worker_capacity, "p_state": state, "p_metrics": report,
+                                       "p_capacity": self.capacity, "p_state": state, "p_metrics": report,
                                        "p_follows": self.follow})
 
     # ------------------------------------------------------------ leases

@@ -17,6 +17,7 @@ from workers.kafka_conn import kafka_options
 from workers.models import resolve_model_dir
 from workers.serving.adapter_source import StoreLoader, VersionFeed
 from workers.serving.batcher import BatchPolicy
+from workers.serving.capacity import measure_capacity
 from workers.serving.http import serve_http
 from workers.serving.group import WorkerGroup, edge_count
 from workers.serving.metrics import EngineChoicesCollector, WorkerMetrics, merge_exposition
@@ -82,6 +83,7 @@ async def run_worker(s: Settings) -> None:
     store = AdapterStore(session_factory(s.database_url), make_backend(s.store_backend, s.store_dir),
                          max_bytes=s.max_adapter_bytes, models_dir=s.models_dir)
     engine, model_dir = build_engine(s, store)
+    capacity = s.worker_capacity if s.worker_capacity is not None else measure_capacity(engine)
     n_edges = edge_count(s.edges)
     metrics = WorkerMetrics()
     metrics.registry.register(EngineChoicesCollector(engine.tuned_choices))
@@ -99,7 +101,8 @@ async def run_worker(s: Settings) -> None:
     # The control-plane agent: registry heartbeat always, lease following in "leases" mode.
     from workers.manager.agent import RESIDENT_LISTED, WorkerAgent
 
-    agent = WorkerAgent(s, worker, engine_stats=lambda: engine_stats(engine, RESIDENT_LISTED))
+    agent = WorkerAgent(s, worker, engine_stats=lambda: engine_stats(engine, RESIDENT_LISTED),
+                        capacity=capacity)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stop)

@@ -87,7 +87,9 @@ class WorkerProcess:
         self.env = {**os.environ, **topics.env(), "FLOCK_DATABASE_URL": database_url,
                     "FLOCK_CONSUMER_GROUP": f"grp-{tag}", "FLOCK_HTTP_PORT": str(self.port),
                     "FLOCK_WORKER_ID": f"w-{tag}-{self.port}", "FLOCK_DEVICE": "cpu",
-                    "FLOCK_BATCH_MAX_TOKENS": "4096", "FLOCK_COMMIT_INTERVAL_MS": "100", **extra}
+                    "FLOCK_BATCH_MAX_TOKENS": "4096", "FLOCK_COMMIT_INTERVAL_MS": "100",
+                    # equal workers: a capacity measured on 2 shared cores is noise to the balancer
+                    "FLOCK_WORKER_CAPACITY": "1", **extra}
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 180, poll_s: float = 0.3) -> "WorkerProcess":

@@ -309,3 +309,17 @@ def test_drain_of_one_worker_moves_its_partitions_warm_then_sigterm_stops_all(sy
                        p=f"{system['tag']}-r%"))
     assert states == {w: "stopped" for w in system["ids"]}, states
     assert all(f"[{n}]" in sup.log() for n in ("r0", "r1")) and "worker " + victim + " stopped" in sup.log()
+
+
+def test_compose_and_bundle_start_one_worker_per_gpu():
+    import yaml
+    worker = yaml.safe_load((ROOT / "compose.yaml").read_text())["services"]["worker"]
+    env = worker["environment"]
+    spec = env["FLOCK_GPUS"].split(":-", 1)[1].rstrip("}")  # ${FLOCK_GPUS:-all}: the default
+    eight = [str(i) for i in range(8)]
+    assert select_gpus(spec, eight) == list(enumerate(eight)) and env["FLOCK_PARTITIONS"] == "leases"
+    assert "FLOCK_DEVICE" not in env  # set per worker by the supervisor
+    assert worker["ports"] == ["127.0.0.1:9400-9407:9400-9407"]  # worker i: 9400 + i (plan_children)
+    assert worker["deploy"]["resources"]["reservations"]["devices"][0]["count"] == "all"
+    up = (ROOT / "scripts" / "bundle" / "flock-up").read_text()
+    assert 'worker run --gpus "$gpus"' in up and "FLOCK_PARTITIONS=${FLOCK_PARTITIONS:-leases}" in up

@@ -114,6 +114,10 @@ class Settings(BaseSettings):
     lora_fused: str = Field("auto", pattern="^(auto|0|1)$")  # fused LoRA shrink+expand: timed | off | on
     varlen_attn: str = Field("auto", pattern="^(auto|triton|flash)$")  # unequal lengths: timed | kernel
     partition_high_water: int = 2000  # pause a partition with this many unreplied requests
+    # Lower-layer skipping (a base built by `flockserve base build-plot`): the tri-gram table's
+    # budgets, hot rows on the device, the rest in pinned host memory (workers/engine/plot/table.py).
+    plot_device_bytes: int = 1 << 30
+    plot_host_bytes: int = 4 << 30
     partition_low_water: int = 500  # and resume it below this
     commit_interval_ms: int = 200
     version_poll_s: float = 5.0  # how often to look for new active adapter versions

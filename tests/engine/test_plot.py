@@ -172,6 +172,11 @@ def test_mixed_batch_equals_each_alone(dirs):
         stats = eng.plot_stats()
         assert stats["skip"] == K and stats["lookups"] > 0 and stats["hits_device"] > 0
         assert plain.plot_stats() is None
+        from workers.serving.metrics import PlotCollector  # /metrics exports them
+        fams = {m.name: m for m in PlotCollector(eng.plot_stats).collect()}
+        assert {s.labels["tier"]: s.value for s in fams["flock_plot_table_rows"].samples}["device"] == stats["device_rows"]
+        assert 0 < fams["flock_plot_hit_rate"].samples[0].value < 1
+        assert list(PlotCollector(plain.plot_stats).collect()) == []
     finally:
         eng.close()
         plain.close()

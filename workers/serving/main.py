@@ -20,7 +20,7 @@ from workers.serving.batcher import BatchPolicy
 from workers.serving.capacity import measure_capacity
 from workers.serving.http import serve_http
 from workers.serving.group import WorkerGroup, edge_count
-from workers.serving.metrics import EngineChoicesCollector, WorkerMetrics, merge_exposition
+from workers.serving.metrics import EngineChoicesCollector, PlotCollector, WorkerMetrics, merge_exposition
 from workers.serving.tokens import IntakeTokenizer
 from workers.serving.worker import Worker, WorkerConfig
 
@@ -61,7 +61,8 @@ def build_engine(s: Settings, store: AdapterStore):
     pool = PoolConfig(device_bytes=s.adapter_device_bytes, host_bytes=s.adapter_host_bytes,
                       default_slots=s.adapter_slots, load_threads=s.adapter_load_threads)
     engine = Engine(str(model_dir), StoreLoader(store, s.default_base_model), device=device,
-                    pool_config=pool, options=EngineOptions.from_settings(s))
+                    pool_config=pool, options=EngineOptions.from_settings(s),
+                    plot_device_bytes=s.plot_device_bytes, plot_host_bytes=s.plot_host_bytes)
     log.info("engine on %s (%s), kernels: %s", engine.device, engine.dtype, engine.tuned_choices())
     return engine, model_dir
 
@@ -88,6 +89,7 @@ async def run_worker(s: Settings) -> None:
     metrics = WorkerMetrics()
     metrics.registry.register(EngineChoicesCollector(engine.tuned_choices))
     versions = VersionFeed(store).changes
+    metrics.registry.register(PlotCollector(engine.plot_stats))
     if n_edges == 0:  # one process: the Kafka loop next to the engine
         worker = Worker(worker_config(s), engine, IntakeTokenizer(str(model_dir), s.truncate), metrics,
                         version_changes=versions, load_keys=keys_for(s))

@@ -73,6 +73,39 @@ class EngineChoicesCollector:
         yield m
 
 
+class PlotCollector:
+    """Lower-layer skipping (``Engine.plot_stats()``; nothing for a plain base): tri-gram table
+    rows and bytes per tier, lookups by result, hit rate, lookup / compute seconds (totals and the
+    last batch's)."""
+
+    def __init__(self, stats) -> None:
+        self.stats = stats
+
+    def collect(self):
+        from prometheus_client.core import GaugeMetricFamily
+        st = self.stats()
+        if st is None:
+            return
+        rows = GaugeMetricFamily("flock_plot_table_rows", "Tri-gram table rows, by tier", labels=["tier"])
+        nbytes = GaugeMetricFamily("flock_plot_table_bytes", "Tri-gram table bytes, by tier", labels=["tier"])
+        for tier in ("device", "host"):
+            rows.add_metric([tier], st[f"{tier}_rows"])
+            nbytes.add_metric([tier], st[f"{tier}_bytes"])
+        looks = CounterMetricFamily("flock_plot_lookups", "Distinct tri-grams looked up per batch, by result",
+                                    labels=["result"])
+        for res, key in (("device", "hits_device"), ("host", "hits_host"), ("miss", "misses")):
+            looks.add_metric([res], st[key])
+        secs = CounterMetricFamily("flock_plot_seconds", "Table lookup and miss compute time", labels=["stage"])
+        last = GaugeMetricFamily("flock_plot_last_batch_ms", "Lookup and miss compute time of the last batch",
+                                 labels=["stage"])
+        for stage in ("lookup", "compute"):
+            secs.add_metric([stage], st[f"{stage}_seconds"])
+            last.add_metric([stage], st[f"last_{stage}_ms"])
+        yield from (rows, nbytes, looks, secs, last,
+                    GaugeMetricFamily("flock_plot_hit_rate", "Share of looked-up tri-grams found in the table",
+                                      value=st["hit_rate"] or 0.0))
+
+
 # --------------------------------------------------------------------------- CPU accounting
 # Where the host path spends CPU, for bench/dataplane.py and operators. Stages are timed per
 # batch of work (never per request) with time.thread_time() on the thread doing the work.

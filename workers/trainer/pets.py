@@ -174,8 +174,9 @@ class Diff(_Reweighted):
         if self.phase == "train":
             res = self.fwd.resident(HEAD_ONLY, self.cfg, None, hb, None)
             return self.fwd.logits(batch, res, self.stepped_base())
-        delta = TenantDelta(TENANT, 0, "diff", self.cfg, self.t)
-        sparse = {n: v.to(self.fwd.device) for n, v in PETS["diff"].ops.tenant_tensors(delta, self.t, self.dims).items()}
+        host = {n: v.cpu() for n, v in self.t.items()}  # the converter packs on the host, as at load time
+        delta = TenantDelta(TENANT, 0, "diff", self.cfg, host)
+        sparse = {n: v.to(self.fwd.device) for n, v in PETS["diff"].ops.tenant_tensors(delta, host, self.dims).items()}
         return self.fwd.logits(batch, self.fwd.resident("diff", self.cfg, None, hb, sparse))
 
     def export(self):
@@ -260,7 +261,7 @@ def final_logits(tr: Trainable, batch, head: Head) -> torch.Tensor:
     """Evaluation through exactly what serving runs: the exported tensors, converted by the
     engine (MaskBERT: packed bits through the engine's mask op)."""
     if isinstance(tr, MaskBert):
-        t = tr.export()
+        t = {n: v.cpu() for n, v in tr.export().items()}
         delta = TenantDelta(TENANT, 0, "maskbert", tr.cfg, t)
         sparse = {n: v.to(tr.fwd.device) for n, v in PETS["maskbert"].ops.tenant_tensors(delta, t, tr.dims).items()}
         res = tr.fwd.resident("maskbert", tr.cfg, None, tr.fwd.head_bank(tr.cfg, head.t), sparse)

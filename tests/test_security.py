@@ -9,6 +9,7 @@ required and per-tenant reply topics; tenants talk to it as their own SCRAM prin
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import subprocess
@@ -209,7 +210,8 @@ def secured(sessions, database_url, unique_module):
         _services("secure-tenant", t, sec.passwords[t], sec.topics.requests, sec.reply[t])
     sec.keys = {t: TenantKeys(sessions).create(t)[1] for t in sec.tenants}
     w = WorkerProcess(database_url, sec.topics, tag, **env, FLOCK_AUTH_REQUIRED="1", FLOCK_AUTH_KEYS_POLL_S="0.5",
-                      FLOCK_TENANT_REPLY_TOPICS="1", FLOCK_REPLY_TOPIC_PREFIX=sec.prefix, FLOCK_EDGES="1").start()
+                      FLOCK_TENANT_REPLY_TOPICS="1", FLOCK_REPLY_TOPIC_PREFIX=sec.prefix, FLOCK_EDGES="1",
+                      FLOCK_AUTH_SUMMARY_S="1").start()
     sec.worker = w
     yield sec
     w.terminate()
@@ -341,6 +343,45 @@ def test_forged_reply_to_is_not_honoured(secured):
     theirs = asyncio.run(_read(secured, secured.reply[b], secured.admin, lambda r: False, timeout=3))
     assert req.request_id not in {InferReply.decode(r.value).request_id for r in theirs}
     assert _metric(w, "flock_reply_to_refused_total") == refused + 1
+
+
+def test_a_forged_flood_is_counted_not_answered_and_never_computed(secured):
+    from aiokafka import AIOKafkaProducer
+    from workers.auth import sign
+    b = secured.tenants[1]
+    w = secured.worker
+    key_id = decode_key(secured.keys[b])[0]
+    computed = _metric(w, "flock_adapter_lookups_total", result="ok")
+    unanswered = _metric(w, "flock_auth_unanswered_total")
+    forged = [InferRequest(tenant_id=b, text=f"forged {i}") for i in range(300)]
+
+    async def go():
+        p = AIOKafkaProducer(bootstrap_servers=secured.bootstrap, **secured.admin, linger_ms=5)
+        await p.start()
+        try:
+            for r in forged:  # b's real key id, a wrong secret: each needs the full MAC check
+                v = r.encode()
+                await p.send(secured.topics.requests, v, key=b.encode(),
+                             headers=r.headers() + [(Headers.AUTH, sign(key_id, bytes(32), v))])
+            await p.flush()
+        finally:
+            await p.stop()
+        async with _client(secured, b, secured.keys[b]) as c:  # after the flood, on the same partition
+            return await c.infer(b, "the real one", timeout=60)
+    real = asyncio.run(go())
+    assert real.status is ErrorCode.OK
+    ids = {r.request_id for r in forged}
+    mine = asyncio.run(_read(secured, secured.reply[b], secured.admin, lambda r: False, timeout=3))
+    answered = [InferReply.decode(r.value) for r in mine if InferReply.decode(r.value).request_id in ids]
+    assert answered and all(a.status is ErrorCode.UNAUTHENTICATED for a in answered)
+    assert len(answered) <= 20 + 5  # FLOCK_AUTH_REFUSALS_BURST, plus what refills while it runs
+    assert _metric(w, "flock_auth_unanswered_total") - unanswered == len(forged) - len(answered)
+    assert _metric(w, "flock_adapter_lookups_total", result="ok") == computed + 1  # the real one only
+    summaries = asyncio.run(_read(secured, secured.topics.dlq, secured.admin, timeout=15, until=lambda recs: any(
+        header_map(r.headers).get(Headers.ERROR, "").startswith("unauthenticated: ") and b"unanswered" in r.value
+        for r in recs)))
+    summary = [r for r in summaries if b"unanswered" in r.value]
+    assert summary and sum(json.loads(r.value)["claimed_tenants"].get(b, 0) for r in summary) >= len(forged) - len(answered)
 
 
 def test_key_rotation_keeps_serving(secured, sessions):

@@ -5,12 +5,13 @@ which names the tenant) under one of the tenant's keys, in the ``flock-auth`` he
 
     flock-auth: v1:<key_id>:<base64url(HMAC-SHA256(secret, value)), no padding>
 
-The worker (each edge process of a group, so the engine process never pays) checks it after
-decoding and before anything else: unknown, revoked or expired key, a key of another tenant, a
-wrong MAC or no header at all -> ``unauthenticated``. Keys live in PostgreSQL (``tenant_keys``);
+The worker (each edge process of a group, so the engine process never pays) checks it before
+anything else, decoding included (:meth:`Keyring.verify` reads the header and the raw bytes, so a
+forgery costs no decode): unknown, revoked or expired key, a wrong MAC or no header at all, and
+then a key of another tenant than the request names -> ``unauthenticated``. Keys live in PostgreSQL (``tenant_keys``);
 workers keep them in memory (:class:`Keyring`) and re-read them every ``FLOCK_AUTH_KEYS_POLL_S``.
 A rotation adds a key and gives the older ones an expiry (``FLOCK_KEY_ROTATION_OVERLAP_S``), so
-producers can switch over without a failed request. One check is ~1-2 µs of CPU (bench/dataplane.py).
+producers can switch over without a failed request. One check is ~2-3 µs of CPU (bench/dataplane.py).
 """
 
 from __future__ import annotations
@@ -78,40 +79,95 @@ class KeyRow:
 
 class Keyring:
     """key_id -> (tenant, secret, expiry), swapped whole on each refresh (no locks needed: the
-    Kafka loop only reads ``self.keys``; a refresh assigns a new dict)."""
+    Kafka loop only reads ``self.keys``; a refresh assigns new dicts)."""
 
     def __init__(self, rows: Iterable[KeyRow] = ()):
         self.keys: dict[str, KeyRow] = {}
+        self._by_id: dict[bytes, KeyRow] = {}  # as the header spells it: no decode per request
+        self.tenants: frozenset[bytes] = frozenset()  # tenants with a key, as record keys spell them
         self.replace(rows)
 
     def replace(self, rows: Iterable[KeyRow]) -> None:
-        self.keys = {r.key_id: r for r in rows}
+        keys = {r.key_id: r for r in rows}
+        self._by_id = {k.encode(): r for k, r in keys.items()}
+        self.tenants = frozenset(r.tenant_id.encode() for r in keys.values())
+        self.keys = keys
 
     def __len__(self) -> int:
         return len(self.keys)
 
+    def verify(self, value: bytes, headers: Iterable[tuple[str, bytes]] | None,
+               now: float | None = None) -> tuple[str | None, str | None]:
+        """Who signed ``value``: ``(tenant_id, None)``, or ``(None, why not)``. Reads only the
+        ``flock-auth`` header and the raw bytes, so a forgery is refused before it is decoded;
+        the caller still checks that the decoded request names that tenant."""
+        h = auth_header(headers)
+        if h is None:
+            return None, MISSING
+        if h[:3] != b"v1:":
+            return None, MALFORMED
+        key_id, sep, mac = h[3:].partition(b":")
+        if not sep:
+            return None, MALFORMED
+        row = self._by_id.get(key_id)
+        if row is None:
+            return None, UNKNOWN_KEY
+        if row.expires_at is not None and (now or time.time()) >= row.expires_at:
+            return None, EXPIRED
+        if not _equal(_B64(_digest(row.secret, value, "sha256")).rstrip(b"="), mac):
+            return None, BAD_SIGNATURE
+        return row.tenant_id, None
+
     def check(self, tenant_id: str, value: bytes, headers: Iterable[tuple[str, bytes]] | None,
               now: float | None = None) -> str | None:
         """None when ``value`` is signed by a valid key of ``tenant_id``, else why not."""
-        h = auth_header(headers)
-        if h is None:
-            return MISSING
-        try:
-            scheme, key_id, mac = h.split(b":", 2)
-        except ValueError:
-            return MALFORMED
-        if scheme != b"v1":
-            return MALFORMED
-        row = self.keys.get(key_id.decode("ascii", "replace"))
-        if row is None:
-            return UNKNOWN_KEY
-        if row.tenant_id != tenant_id:
-            return WRONG_TENANT
-        if row.expires_at is not None and (now or time.time()) >= row.expires_at:
-            return EXPIRED
-        if not _equal(_B64(_digest(row.secret, value, "sha256")).rstrip(b"="), mac):
-            return BAD_SIGNATURE
-        return None
+        signer, why = self.verify(value, headers, now)
+        if why is not None:
+            return why
+        return None if signer == tenant_id else WRONG_TENANT
+
+
+class Unanswered:
+    """Refused requests over their tenant's refusal budget: no reply and no DLQ record each, but
+    counted here and handed out (``take``) as one summary DLQ record per period, so an operator
+    sees a flood (how many, why, which tenants, which offsets) without it costing a record each."""
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        self.n = 0
+        self.since = time.time()
+        self.reasons: dict[str, int] = {}
+        self.tenants: dict[bytes | None, int] = {}  # record key (the tenant it claims) -> count
+        self.other = 0  # beyond the first 1,000 distinct record keys
+        self.offsets: dict[int, list[int]] = {}  # partition -> [first, last]
+
+    def add(self, partition: int, offset: int, why: str, key: bytes | None) -> None:
+        self.n += 1
+        self.reasons[why] = self.reasons.get(why, 0) + 1
+        t = self.tenants
+        if key in t or len(t) < 1000:  # record keys are the forger's choice: bounded
+            t[key] = t.get(key, 0) + 1
+        else:
+            self.other += 1
+        span = self.offsets.get(partition)
+        if span is None:
+            self.offsets[partition] = [offset, offset]
+        elif offset > span[1]:
+            span[1] = offset
+
+    def take(self, top: int = 20) -> dict | None:
+        """The summary since the last take (None if nothing was refused), and start afresh."""
+        if not self.n:
+            return None
+        tenants = sorted(self.tenants.items(), key=lambda kv: -kv[1])
+        out = {"unanswered": self.n, "since": self.since, "until": time.time(), "reasons": self.reasons,
+               "claimed_tenants": {(k or b"").decode("utf-8", "replace"): c for k, c in tenants[:top]},
+               "other_tenants": sum(c for _, c in tenants[top:]) + self.other,
+               "offsets": {str(p): span for p, span in sorted(self.offsets.items())}}
+        self._reset()
+        return out
 
 
 # ------------------------------------------------------------------ PostgreSQL (tenant_keys)

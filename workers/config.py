@@ -51,6 +51,7 @@ class Settings(BaseSettings):
     # this rate; the rest of a flood of forgeries is only counted (flock_auth_unanswered_total).
     auth_refusals_burst: int = 20
     auth_refusals_per_s: float = 1.0
+    auth_summary_s: float = 10.0  # the refusals not answered are summed up in one DLQ record per period
     # Replies go to the tenant's own topic <reply_topic_prefix><tenant_id> (Kafka ACLs keep it
     # private); a request's reply_to is honoured only when it names that topic.
     tenant_reply_topics: bool = False
@@ -113,11 +114,11 @@ class Settings(BaseSettings):
     lora_into_gemm: bool = False  # LoRA expand writes into the base GEMM's output (beta = 1)
     lora_fused: str = Field("auto", pattern="^(auto|0|1)$")  # fused LoRA shrink+expand: timed | off | on
     varlen_attn: str = Field("auto", pattern="^(auto|triton|flash)$")  # unequal lengths: timed | kernel
-    partition_high_water: int = 2000  # pause a partition with this many unreplied requests
     # Lower-layer skipping (a base built by `flockserve base build-plot`): the tri-gram table's
     # budgets, hot rows on the device, the rest in pinned host memory (workers/engine/plot/table.py).
     plot_device_bytes: int = 1 << 30
     plot_host_bytes: int = 4 << 30
+    partition_high_water: int = 2000  # pause a partition with this many unreplied requests
     partition_low_water: int = 500  # and resume it below this
     commit_interval_ms: int = 200
     version_poll_s: float = 5.0  # how often to look for new active adapter versions

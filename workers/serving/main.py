@@ -42,6 +42,7 @@ def worker_config(s: Settings) -> WorkerConfig:
         produce_max_batch_bytes=s.produce_max_batch_bytes, kafka=kafka_options(s),
         auth_required=s.auth_required, auth_keys_poll_s=s.auth_keys_poll_s,
         auth_refusals_burst=s.auth_refusals_burst, auth_refusals_per_s=s.auth_refusals_per_s,
+        auth_summary_s=s.auth_summary_s,
         tenant_reply_prefix=s.reply_topic_prefix if s.tenant_reply_topics else None)
 
 
@@ -88,8 +89,8 @@ async def run_worker(s: Settings) -> None:
     n_edges = edge_count(s.edges)
     metrics = WorkerMetrics()
     metrics.registry.register(EngineChoicesCollector(engine.tuned_choices))
-    versions = VersionFeed(store).changes
     metrics.registry.register(PlotCollector(engine.plot_stats))
+    versions = VersionFeed(store).changes
     if n_edges == 0:  # one process: the Kafka loop next to the engine
         worker = Worker(worker_config(s), engine, IntakeTokenizer(str(model_dir), s.truncate), metrics,
                         version_changes=versions, load_keys=keys_for(s))

@@ -15,19 +15,21 @@ manager's leases; a lapsed lease stops consumption and commits); reply sending a
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from time import thread_time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Any, Callable, Protocol
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 from aiokafka.structs import OffsetAndMetadata
 
-from schema.messages import ErrorCode, InferReply, InferRequest, WireError
-from workers.auth import KeyRow, Keyring
+from schema.messages import ErrorCode, Headers, InferReply, InferRequest, WireError
+from workers.auth import WRONG_TENANT, KeyRow, Keyring, Unanswered
 from workers.serving.batcher import BatchPolicy, CoordinatedBatcher, Pending
 from workers.serving.fault_hooks import CrashPoints
 from workers.serving.versions import follow_active_versions
@@ -92,6 +94,7 @@ class WorkerConfig:
     # beyond that a flood of forgeries is only counted, so it costs a decode and a check each.
     auth_refusals_burst: int = 20
     auth_refusals_per_s: float = 1.0
+    auth_summary_s: float = 10.0  # one DLQ record sums up the refusals not answered in this period
 
 
 class Worker:
@@ -109,6 +112,10 @@ class Worker:
         self.load_keys = load_keys
         self.keyring = Keyring() if cfg.auth_required else None
         self._refusals: dict[str, list[float]] = {}  # tenant -> [tokens, last refill (monotonic)]
+        self._refused: dict[str, int] = {}  # reason -> refusals this round (metrics per round)
+        self._skipped: dict[int, int] = {}  # partition -> last unanswered refusal of this round
+        self._unanswered = Unanswered()
+        self._unanswered_seen = 0  # of _unanswered.n, already in the metric
         self.batcher = CoordinatedBatcher(cfg.policy)
         self.tracker = OffsetTracker()
         self.stopping = asyncio.Event()
@@ -166,7 +173,7 @@ class Worker:
         if self.version_changes is not None:
             loops.append(self._version_loop())
         if self.keyring is not None:
-            loops.append(self._keys_loop())
+            loops += [self._keys_loop(), self._refusal_summary_loop()]
         runners = [asyncio.create_task(c) for c in loops]
         try:
             await self.stopping.wait()
@@ -186,6 +193,8 @@ class Worker:
                 while len(self.batcher) or self._tasks:
                     self._wake.set()
                     await asyncio.sleep(0.02)
+                if self.keyring is not None:
+                    await self._send_refusal_summary()
                 await self.producer.flush()
                 while self.tracker.pending() and time.monotonic() < deadline:
                     await asyncio.sleep(0.02)
@@ -219,15 +228,18 @@ class Worker:
                 break
             good: list[Work] = []
             rejected: list[tuple[Work, list]] = []
-            signed: list[tuple[Work, Any]] = []
             now = time.monotonic()
             track, decode, crash = self.tracker.track, InferRequest.decode, self.crash
-            keyring = self.keyring
-            for tp, recs in records.items():
-                p = tp.partition
-                if not self.ownership.fetchable(p):
-                    continue  # lease lost or hand-over began during the fetch: the next owner reads these
-                for rec in recs:
+            # Not fetchable: lease lost or hand-over began during the fetch; the next owner reads these.
+            fetchable = self.ownership.fetchable
+            if self.keyring is None:
+                batches = [(tp.partition, zip(recs, repeat(None))) for tp, recs in records.items() if fetchable(tp.partition)]
+            else:  # tenant signatures first, on the raw bytes (own stage): a forgery is never decoded
+                batches = [(tp.partition, self._authenticate(tp.partition, recs, now, rejected))
+                           for tp, recs in records.items() if fetchable(tp.partition)]
+                t0 = thread_time()
+            for p, recs in batches:
+                for rec, signer in recs:
                     w = Work(p, rec.offset, now)
                     track(p, rec.offset)
                     crash.on_consumed()
@@ -236,24 +248,13 @@ class Worker:
                     except WireError as exc:
                         rejected.append((w, self._reject(w, exc, rec)))
                         continue
-                    if keyring is None:
+                    if signer is None or w.request.tenant_id == signer:
                         good.append(w)
-                    else:
-                        signed.append((w, rec))
+                    else:  # signed with a valid key, but of another tenant than the request names
+                        self._refuse(p, rec, WRONG_TENANT, now, rejected, w)
+            if self.keyring is not None:
+                self._count_refusals()
             st.add("decode", t0)
-            if signed:  # tenant signatures, before any compute (own stage: its cost per request)
-                t0 = thread_time()
-                check, now_s = keyring.check, time.time()
-                for w, rec in signed:
-                    why = check(w.request.tenant_id, rec.value, rec.headers, now_s)
-                    if why is None:
-                        good.append(w)
-                    elif self.may_answer_refusal(w.request.tenant_id, now):
-                        rejected.append((w, self._unauthenticated(w, why, rec)))
-                    else:  # over the tenant's refusal budget: counted, committed, not answered
-                        self.metrics.auth_unanswered.inc()
-                        self.tracker.done(w.partition, w.offset)
-                st.add("auth", t0)
             errors: list[tuple[Work, InferReply]] = []
             if good:
                 ids = await loop.run_in_executor(self._cpu, self._tokenise, [w.request for w in good])
@@ -318,6 +319,87 @@ class Worker:
         w.status = exc.code.value
         return sends
 
+    def _authenticate(self, p: int, recs: list, now: float, rejected: list) -> list[tuple[Any, str]]:
+        """(record, the tenant whose key signed it) for the records of partition ``p`` whose
+        signature verifies; the others are refused here (``_refuse``), never decoded."""
+        t0 = thread_time()
+        verify, now_s, refuse = self.keyring.verify, time.time(), self._refuse
+        ok = []
+        for rec in recs:
+            signer, why = verify(rec.value, rec.headers, now_s)
+            if why is None:
+                ok.append((rec, signer))
+            else:
+                refuse(p, rec, why, now, rejected)
+        skipped = self._skipped.pop(p, None)
+        if skipped is not None:  # unanswered refusals are done at once: the commit moves past them
+            self.tracker.track(p, skipped)
+            self.tracker.done(p, skipped)
+        self.metrics.stage_cpu.add("auth", t0)
+        return ok
+
+    def _refuse(self, p: int, rec: Any, why: str, now: float, rejected: list, w: Work | None = None) -> None:
+        """A refused record. Answered (an ``unauthenticated`` reply to the tenant its record key
+        names, and a DLQ record) within that tenant's refusal budget -- tenants without a key share
+        one; beyond it only counted, committed and summed up in the periodic summary DLQ record,
+        so a flood of forgeries costs a signature check each and no decode, record or allocation."""
+        self._refused[why] = self._refused.get(why, 0) + 1
+        key = rec.key
+        if self.may_answer_refusal(key if key in self.keyring.tenants else None, now):
+            if w is None:
+                w = Work(p, rec.offset, now)
+                self.tracker.track(p, rec.offset)
+                try:
+                    w.request = InferRequest.decode(rec.value)
+                except WireError as exc:
+                    rejected.append((w, self._reject(w, exc, rec)))  # unsigned: the DLQ record only
+                    return
+            if key is None or w.request.tenant_id.encode() == key:
+                rejected.append((w, self._unauthenticated(w, why, rec)))
+                return
+        if w is None:
+            self._skipped[p] = rec.offset  # offsets ascend within a partition's fetch
+        else:
+            self.tracker.done(p, rec.offset)
+        self._unanswered.add(p, rec.offset, why, key)
+
+    def _count_refusals(self) -> None:
+        """The refusal metrics, once per round rather than per refused record."""
+        if self._refused:
+            for why, n in self._refused.items():
+                self.metrics.auth_failures.labels(why).inc(n)
+            self._refused.clear()
+        n, self._unanswered_seen = self._unanswered.n - self._unanswered_seen, self._unanswered.n
+        if n > 0:
+            self.metrics.auth_unanswered.inc(n)
+
+    async def _send_refusal_summary(self) -> None:
+        """One DLQ record for the refusals not answered since the last one (none if there were
+        none). Not tied to any offset: those were committed when refused."""
+        self._count_refusals()
+        summary = self._unanswered.take()
+        self._unanswered_seen = 0
+        if summary is None:
+            return
+        summary["worker_id"] = self.cfg.worker_id
+        spans = ",".join(f"{p}:{a}-{b}" for p, (a, b) in summary["offsets"].items())
+        why = (f"{ErrorCode.UNAUTHENTICATED.value}: {summary['unanswered']} refused requests over their tenants' "
+               f"refusal budget, not answered (summary; reasons {summary['reasons']})")
+        headers = [(Headers.ERROR, why.encode()), (Headers.SOURCE, f"{self.cfg.requests_topic}/{spans}".encode()[:1000])]
+        try:
+            fut = await self.producer.send(self.cfg.dlq_topic, json.dumps(summary).encode(),
+                                           key=self.cfg.worker_id.encode(), headers=headers)
+            fut.add_done_callback(lambda f: f.cancelled() or f.exception() is None or
+                                  log.warning("refusal summary not written to the DLQ: %s", f.exception()))
+            self.metrics.dlq.labels("unauthenticated_summary").inc()
+        except KafkaError as exc:
+            log.warning("refusal summary not written to the DLQ: %s", exc)
+
+    async def _refusal_summary_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.auth_summary_s)
+            await self._send_refusal_summary()
+
     def may_answer_refusal(self, tenant_id: str, now: float) -> bool:
         """Token bucket per tenant: answers to refused requests are bounded, so a flood of forged
         requests cannot make the worker produce two records for each of them."""
@@ -338,7 +420,6 @@ class Worker:
         """A DLQ record (original bytes and headers) and an ``unauthenticated`` reply to the
         tenant's own reply topic, never to the request's reply_to (the request is not trusted)."""
         req = w.request
-        self.metrics.auth_failures.labels(why).inc()
         self.metrics.dlq.labels(ErrorCode.UNAUTHENTICATED.value).inc()
         source = f"{self.cfg.requests_topic}/{w.partition}/{w.offset}"
         reply = InferReply.error(ErrorCode.UNAUTHENTICATED, f"request not authenticated: {why}",

@@ -29,8 +29,9 @@ intermediate activation after the nonlinearity) keep their tensor names ``layers
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from schema.pet import PET_TYPES
 
@@ -206,6 +207,16 @@ def validate_config(pet_type: str, cfg: Mapping[str, Any]) -> None:
         _need(isinstance(b, int) and 1 <= b <= MAX_BOTTLENECK, f"config.bottleneck must be 1..{MAX_BOTTLENECK}")
         _need(cfg.get("activation", "relu") in ADAPTER_ACTIVATIONS,
               f"config.activation must be one of {list(ADAPTER_ACTIVATIONS)}")
+
+
+def lowest_layer(names: Iterable[str], layers: int) -> int:
+    """The lowest layer a delta's tensors (``layers.{i}.*``) touch; ``layers`` when none do (a
+    head-only delta). Lower-layer skipping serves a tenant from the table when this is >= K."""
+    found = [int(m.group(1)) for n in names if (m := _LAYER_NAME.match(n))]
+    return min(found, default=layers)
+
+
+_LAYER_NAME = re.compile(r"^layers\.(\d+)\.")
 
 
 def lora_scale(cfg: Mapping[str, Any]) -> float:

@@ -12,7 +12,7 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
-from schema.layout import BaseDims
+from schema.layout import BaseDims, lowest_layer
 
 # model id -> (python package, sub-directory holding config.json + model.safetensors)
 BUNDLED = {
@@ -53,3 +53,21 @@ def _dims_from(path: str) -> BaseDims:
 
 def base_dims(model_id: str, models_dir: Path | None = None) -> BaseDims:
     return _dims_from(str(resolve_model_dir(model_id, models_dir)))
+
+
+def plot_skip(model_id: str, models_dir: Path | None = None) -> int | None:
+    """K of a skipping base (``flock_plot`` in its config.json, written by ``flockserve base
+    build-plot``), None for a plain base."""
+    cfg = json.loads((resolve_model_dir(model_id, models_dir) / "config.json").read_text())
+    return int(cfg["flock_plot"]["skip"]) if "flock_plot" in cfg else None
+
+
+def skipping_note(model_id: str, tensor_names, models_dir: Path | None = None) -> str | None:
+    """What import and training report about lower-layer skipping (None on a plain base)."""
+    k = plot_skip(model_id, models_dir)
+    if k is None:
+        return None
+    low = lowest_layer(tensor_names, base_dims(model_id, models_dir).layers)
+    if low >= k:
+        return f"lower-layer skipping: yes (touches layers >= {k}: layers 0-{k - 1} come from the tri-gram table)"
+    return f"lower-layer skipping: no (touches layer {low} < K={k}: runs every layer)"

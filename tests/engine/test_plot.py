@@ -210,6 +210,11 @@ def test_build_plot_cli_resumes_and_serves(tmp_path, monkeypatch):
         assert plot_skip(str(out)) == 2
         rt = PlotRuntime(str(out), load_base(str(out)), torch.device("cpu"), torch.float32)
         assert rt.loaded == again["table_rows"]
+        from workers.models import skipping_note  # what import and training report
+        md = tmp_path / "models"
+        assert skipping_note("mini-p2", ["layers.2.q.lora_A", "head.weight"], md).startswith("lower-layer skipping: yes")
+        assert "no (touches layer 0" in skipping_note("mini-p2", ["layers.0.q.lora_A", "layers.3.q.lora_A"], md)
+        assert skipping_note("all-MiniLM-L6-v2", ["layers.0.q.lora_A"], md) is None
         bad = CliRunner().invoke(app, ["base", "build-plot", "all-MiniLM-L6-v2", "--skip", "6", "--corpus", str(corpus)])
         assert bad.exit_code == 1 and "error: --skip must be in 1..5" in bad.output
     finally:

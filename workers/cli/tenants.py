@@ -172,10 +172,14 @@ def adapter_import(tenant_id: str, directory: Path,
         imp = read_adapter_dir(directory, labels=labels.split(",") if labels else None, pooling=pooling,
                                max_bytes=s.max_adapter_bytes)
         return store().import_tensors(tenant_id, imp.pet_type, imp.config, imp.tensors,
-                                      base_model or s.default_base_model, activate=activate)
+                                      base_model or s.default_base_model, activate=activate), imp
 
-    rec = run_cli(go)
+    rec, imp = run_cli(go)
     emit(rec, as_json, ADAPTER_COLS)
+    from workers.models import skipping_note
+    note = skipping_note(rec.base_model_id, imp.tensors, s.models_dir)
+    if note and not as_json:
+        out.print(note, markup=False, highlight=False)
 
 
 @adapter_app.command("list")

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from schema.layout import lowest_layer
 from workers.engine import heads
 from workers.engine.batch import BatchOutputs, PackedBatch, TenantInfo
 from workers.engine.encoder import Encoder
@@ -35,7 +36,7 @@ from workers.engine.kernels import interpret, triton_available
 from workers.engine.model_loading import load_base
 from workers.engine.options import EngineOptions
 from workers.engine.plan import build_plan
-from workers.engine.plot.serve import PlotRuntime, lowest_layer, plot_skip
+from workers.engine.plot.serve import PlotRuntime, plot_skip
 from workers.engine.pool import AdapterPool, Loader, PoolConfig, Resident
 
 

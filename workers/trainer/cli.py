@@ -114,6 +114,10 @@ def adapter_train(
     doc = {"tenant_id": tenant_id, "version": rec.version, "active": activate, "pet_type": rec.pet_type,
            "base_model_id": rec.base_model_id, "config": rec.config, "size_bytes": rec.size_bytes,
            "sha256": rec.sha256, **result.metrics}
+    from workers.models import skipping_note
+    note = skipping_note(rec.base_model_id, result.tensors, s.models_dir)
+    if note:
+        doc["lower_layer_skipping"] = note
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=1))
     doc["metrics_path"] = str(path)
@@ -130,6 +134,8 @@ def adapter_train(
     out.print(f"accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  epochs {m['epochs_run']} "
               f"(best {m['best_epoch']})  {m['seconds']:.1f} s  {rec.size_bytes} bytes  "
               f"{'active' if activate else 'not activated'}  metrics: {path}", markup=False, highlight=False)
+    if note:
+        out.print(note, markup=False, highlight=False)
 
 
 def _check_tenant(tenant_id: str, not_found) -> None:

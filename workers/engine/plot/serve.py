@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 
 import torch
 from safetensors import safe_open
@@ -21,9 +20,6 @@ from workers.engine.plot import trigrams as tg
 from workers.engine.plot.shallow import ShallowWeights, assemble, window_states
 from workers.engine.plot.table import PlotTable
 
-_LAYER = re.compile(r"^layers\.(\d+)\.")
-
-
 def plot_skip(model_dir: str) -> int | None:
     """K of a skipping base directory, or None for a plain base."""
     p = os.path.join(model_dir, PLOT_FILE)
@@ -31,12 +27,6 @@ def plot_skip(model_dir: str) -> int | None:
         return None
     with safe_open(p, "pt") as f:
         return int(json.loads(f.metadata()["flock_plot"])["skip"])
-
-
-def lowest_layer(tensors, layers: int) -> int:
-    """The lowest layer a delta's tensors touch (``layers`` when none: a head-only tenant)."""
-    found = [int(m.group(1)) for n in tensors if (m := _LAYER.match(n))]
-    return min(found, default=layers)
 
 
 class PlotRuntime:

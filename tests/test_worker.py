@@ -233,3 +233,20 @@ def test_adapter_upgrade_reaches_the_worker_within_the_poll_bound(kafka_bootstra
         assert time.monotonic() - upgraded_at < bound, worker.log_tail()
         time.sleep(0.5)
     assert reply.status is ErrorCode.OK and len(reply.outputs["scores"]) == 4
+
+
+def test_static_worker_registers_and_reports_load(sessions, worker):
+    """A worker on static partitions (no manager) still heartbeats its row with a load report:
+    an owned partition not yet assigned to the consumer must not end the control-plane agent."""
+    from schema.tables import Worker, WorkerState
+    deadline = time.monotonic() + 30
+    row = None
+    while time.monotonic() < deadline:
+        with sessions() as s:
+            row = s.get(Worker, worker.env["FLOCK_WORKER_ID"])
+            if row is not None and row.state == WorkerState.SERVING and "partitions" in row.metrics:
+                break
+        time.sleep(0.5)
+    assert row is not None and row.state == WorkerState.SERVING, worker.log_tail()
+    assert row.follows_leases is False and row.metrics["mode"] == "static"
+    assert "Traceback" not in worker.log_tail(20000)

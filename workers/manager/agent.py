@@ -129,6 +129,8 @@ class WorkerAgent:
                 await self._disconnect()
                 if self.follow:
                     self._hold_through_outage()
+            except Exception:  # noqa: BLE001 - a failed beat is logged and retried, never the end of the agent
+                log.exception("control-plane round failed; retrying")
             self._wake.clear()
             wait = self.s.lease_poll_s if self.follow else max(0.0, next_beat - time.monotonic())
             try:

@@ -497,8 +497,12 @@ class Worker:
         """Counts since the last call plus gauges; the agent turns them into rates."""
         counts, self._load = self._load, {}
         hw = {}
+        # Only what the consumer is assigned: right after start (or a lease change) an owned
+        # partition may not be assigned yet, and aiokafka raises for those.
+        assigned = self.consumer.assignment() if self.consumer else set()
         for p in self.owned:
-            h = self.consumer.highwater(TopicPartition(self.cfg.requests_topic, p)) if self.consumer else None
+            tp = TopicPartition(self.cfg.requests_topic, p)
+            h = self.consumer.highwater(tp) if tp in assigned else None
             if h is not None:
                 hw[p] = h
         return {"counts": counts, "highwater": hw, "lag": {p: self._lag.get(p, 0) for p in self.owned},

@@ -245,6 +245,8 @@ def test_kill9_of_one_worker_re_leases_to_the_other_and_the_supervisor_restarts_
     assert theirs, "the victim holds no partition"
     old_pid = sup.children()[victim]
 
+    log_from = len(sup.log())
+
     async def fault() -> dict:
         os.killpg(old_pid, signal.SIGKILL)  # the worker's engine process and its edges
         t = time.monotonic()
@@ -261,6 +263,9 @@ def test_kill9_of_one_worker_re_leases_to_the_other_and_the_supervisor_restarts_
           f"{r['recovery_s']}s")
     assert r["acked"] > 0 and r["lost"] == 0, r["lost_ids"]
     assert set(r["statuses"]) == {"ok"}, r["statuses"]
+    # Warm: the survivor was handed the dead worker's last-reported hot tenants with each partition.
+    warmed = re.findall(r"partition (\d+) placed here: prefetching its (\d+) hot tenants", sup.log()[log_from:])
+    assert {int(p) for p, _ in warmed} >= set(theirs) and any(int(n) > 0 for _, n in warmed), warmed
     # The supervisor restarted it: a new process under the same worker id, serving again.
     new_pid = wait_for("the restarted worker", lambda: (pid := sup.children().get(victim)) != old_pid and pid, 30)
     wait_for("the restarted worker ready", lambda: sup.ready(0), 120, every=0.5)

@@ -53,7 +53,7 @@ _MINE = (L.c.topic == bindparam("p_topic"), L.c.worker_id == bindparam("p_me"))
 
 RENEW = (update(L).where(*_MINE, L.c.state.in_([LeaseState.ACTIVE, LeaseState.RELEASING]))
          .values(expires_at=func.now() + pg.secs("p_ttl"))
-         .returning(L.c.partition, L.c.epoch, L.c.state, L.c.next_worker_id))
+         .returning(L.c.partition, L.c.epoch, L.c.state, L.c.next_worker_id, L.c.hot_tenants))
 
 _INCOMING = (L.c.topic == bindparam("p_topic"), L.c.next_worker_id == bindparam("p_me"),
              L.c.state == LeaseState.ACTIVE)
@@ -227,8 +227,14 @@ class WorkerAgent:
             incoming = (await c.execute(INCOMING, self._me)).all()
         until = t0 + self.s.lease_timeout_s - self._margin
         leases = {}
+        held = self.worker.owned
         for r in rows:
             p = r.partition
+            if p not in held and r.hot_tenants and ("prepare", p) not in self._tasks:
+                # Placed on us (its owner died, or first start): warm its hot tenants while we
+                # start consuming it; a warm hand-over already prefetched in _prepare.
+                self.worker.prefetch(list(r.hot_tenants))
+                log.info("partition %d placed here: prefetching its %d hot tenants", p, len(r.hot_tenants))
             if r.state == LeaseState.RELEASING and ("release", p) not in self._tasks:
                 self._spawn(("release", p), self._hand_over(p, r.epoch))
             if ("release", p) not in self._tasks:

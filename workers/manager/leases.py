@@ -57,10 +57,12 @@ FORCE_STALE = (update(L).where(TOPIC, L.c.state == LeaseState.RELEASING, L.c.nex
                        handover_at=None)
                .returning(L.c.partition, L.c.worker_id))
 
+# Placing an unowned partition (first start, or after its owner died) names its last known hot
+# tenants so the new owner prefetches them while it starts consuming.
 ASSIGN = (update(L).where(TOPIC, L.c.partition == bindparam("p_partition"), L.c.worker_id.is_(None))
           .values(worker_id=bindparam("p_worker"), epoch=L.c.epoch + 1, state=LeaseState.ACTIVE,
                   expires_at=func.now() + secs("p_ttl"), assigned_at=func.now(), next_worker_id=None,
-                  handover_at=None))
+                  handover_at=None, hot_tenants=bindparam("p_hot", type_=JSONB)))
 
 REQUEST_HANDOVER = (update(L).where(TOPIC, L.c.partition == bindparam("p_partition"),
                                     L.c.worker_id == bindparam("p_source"), L.c.state == LeaseState.ACTIVE,
@@ -94,9 +96,10 @@ async def settle_handovers(conn: AsyncConnection, topic: str, timeout_s: float,
     return cancelled, forced
 
 
-async def assign(conn: AsyncConnection, topic: str, partition: int, worker_id: str, lease_timeout_s: float) -> bool:
+async def assign(conn: AsyncConnection, topic: str, partition: int, worker_id: str, lease_timeout_s: float,
+                 hot: list[str] = ()) -> bool:
     res = await conn.execute(ASSIGN, {"p_topic": topic, "p_partition": partition, "p_worker": worker_id,
-                                      "p_ttl": lease_timeout_s})
+                                      "p_ttl": lease_timeout_s, "p_hot": list(hot)})
     return res.rowcount == 1
 
 

@@ -50,7 +50,8 @@ async def apply_plan(conn, s: Settings, plan: balancer.Plan, parts: list[balance
     done = []
     for m in plan.moves:
         if m.source is None:
-            ok = await leases.assign(conn, s.requests_topic, m.partition, m.target, s.lease_timeout_s)
+            ok = await leases.assign(conn, s.requests_topic, m.partition, m.target, s.lease_timeout_s,
+                                     hot.get(m.partition, []))
         else:
             ok = await leases.request_handover(conn, s.requests_topic, m.partition, m.source, m.target,
                                                hot.get(m.partition, []))

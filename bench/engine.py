@@ -9,6 +9,7 @@ acquire, plan building, H2D, forward, heads, D2H, RequestOutputs) with 2 batches
     python bench/engine.py                       # GPU
     python bench/engine.py --device cpu --small  # smoke
     python bench/engine.py --quick               # forward alone vs Engine.submit + outputs, 2 shapes
+    python bench/engine.py --mix                 # base + all six / four banked PET types uniformly mixed
 Writes $OUT/engine_bench.json and $OUT/engine_bench.png (OUT defaults to ./bench_out).
 """
 
@@ -65,6 +66,7 @@ class Bench:
             self.h, self.L, self.H, self.m, self.B, self.S, self.n_lora = 768, 12, 12, 3072, 512, 128, 10_000
             self.iters = 10
         self.quick = getattr(args, "quick", False)
+        self.mix_only = getattr(args, "mix", False)
         self.e2e_rounds = 3 if self.quick and not self.small else 1
         self.dims = BaseDims(self.h, self.m, self.L, self.H)
         self.path = save_random_bert(tempfile.mkdtemp(), self.h, self.L, self.H, self.m, vocab=30522)
@@ -228,6 +230,22 @@ class Bench:
                                 f"gpu {np.mean(gpu_ms):.2f} ms/batch, launcher prep {np.mean(prep_ms):.2f} ms/batch, "
                                 f"materialise {mat_s / seqs * 1e6:.2f} us/request")
 
+            def uniform_rows():
+                """Issue 14's rows: every sequence's PET type drawn uniformly, tenants uniformly from
+                200 per type (~75 distinct tenants of each type per batch)."""
+                def batches(kinds, seed0):
+                    return [random_packed([f"{kinds[int(rng.integers(len(kinds)))]}-{int(rng.integers(0, 200))}"
+                                           for _ in range(B)], [S] * B, 30522, seed=seed0 + j) for j in range(4)]
+                six = fwd_rate("Flock all six types uniformly mixed (fwd)",
+                               batches(["lora", "adapter", "bitfit", "ia3", "diff", "maskbert"], 300),
+                               "1/6 each; diff 1 % density, MaskBERT 10 % masked out", profile=True)
+                four = fwd_rate("Flock four banked types uniformly mixed (fwd)",
+                                batches(["lora", "adapter", "bitfit", "ia3"], 400), "LoRA, adapter, BitFit, IA3: 1/4 each")
+                return six, four
+
+            if self.mix_only:  # base + the mixed-type rows only (fits one short device call)
+                six, four = uniform_rows()
+                return base, six, four
             fixed = lora_batches(8, lambda: [S] * B)
             if self.quick:  # forward alone vs submit, fixed 512 x 128 and lengths 8-128: nothing else
                 out = {}
@@ -287,10 +305,20 @@ class Bench:
                                         [S] * sum(not t.startswith(("diff", "maskbert")) for t in b.tenant_ids), 30522)
                           for b in mix]
             fwd_rate("Flock LoRA+adapter+BitFit+IA3 mixed (fwd)", mix_banked, "no sparse types")
+            self.uniform = uniform_rows()
         finally:
             self.choices = eng.tuned_choices()
             eng.close()
         return base, lora_fwd, lora_e2e, real_fwd, real_e2e, mix_fwd
+
+
+def print_table(rows, ratios):
+    print("\n| row | seq/s | tokens/s | ms/batch | note |\n|---|---:|---:|---:|---|")
+    for r in rows:
+        print(f"| {r['name']} | {r['seq_s']:,.0f} | {r['tok_s']:,.0f} | {r['ms_per_batch']:.2f} | {r['note']} |")
+    print("\n| ratio | value |\n|---|---:|")
+    for k, v in ratios.items():
+        print(f"| {k} | {v:.3f} |")
 
 
 def quick_report(b, out, dev_name):
@@ -356,6 +384,8 @@ def main():
     ap.add_argument("--quick", action="store_true",
                     help="only forward-alone vs Engine.submit (+ outputs) at 512 x 128 and at lengths 8-128, "
                          "with the ratios; writes $OUT/engine_submit.json")
+    ap.add_argument("--mix", action="store_true",
+                    help="only our base and the mixed-PET-type rows (all six / four banked types uniformly mixed)")
     args = ap.parse_args()
     out = os.environ.get("OUT", "./bench_out")
     os.makedirs(out, exist_ok=True)
@@ -364,6 +394,14 @@ def main():
     print(f"device {dev_name}, torch {torch.__version__}, hidden {b.h}, layers {b.L}, batch {b.B} x {b.S}", flush=True)
     if args.quick:
         return quick_report(b, out, dev_name)
+    if args.mix:
+        base, six, four = b.ours()
+        ratios = {"mix6_uniform_fwd_vs_our_base": six["seq_s"] / base["seq_s"],
+                  "mix4_uniform_fwd_vs_our_base": four["seq_s"] / base["seq_s"]}
+        print_table(b.rows, ratios)
+        with open(os.path.join(out, "engine_mix.json"), "w") as f:
+            json.dump({"device": dev_name, "torch": torch.__version__, "rows": b.rows, "ratios": ratios}, f, indent=1)
+        return ratios
     ids = torch.randint(1000, 30522, (b.B, b.S), device=args.device)
     if not args.skip_baselines:
         b.hf_rows(ids)
@@ -378,15 +416,13 @@ def main():
         "realistic_vs_fixed_tok_s_e2e": real_e2e["tok_s"] / lora_e2e["tok_s"],
         "mix_fwd_vs_our_base": mix_fwd["seq_s"] / base["seq_s"],
     }
+    six, four = b.uniform
+    ratios["mix6_uniform_fwd_vs_our_base"] = six["seq_s"] / base["seq_s"]
+    ratios["mix4_uniform_fwd_vs_our_base"] = four["seq_s"] / base["seq_s"]
     if hf:
         ratios["our_base_vs_hf_eager"] = base["seq_s"] / hf["seq_s"]
         ratios["lora_fwd_vs_hf_eager"] = lora_fwd["seq_s"] / hf["seq_s"]
-    print("\n| row | seq/s | tokens/s | ms/batch | note |\n|---|---:|---:|---:|---|")
-    for r in b.rows:
-        print(f"| {r['name']} | {r['seq_s']:,.0f} | {r['tok_s']:,.0f} | {r['ms_per_batch']:.2f} | {r['note']} |")
-    print("\n| ratio | value |\n|---|---:|")
-    for k, v in ratios.items():
-        print(f"| {k} | {v:.3f} |")
+    print_table(b.rows, ratios)
     with open(os.path.join(out, "engine_bench.json"), "w") as f:
         json.dump({"device": dev_name, "torch": torch.__version__, "config": {"hidden": b.h, "layers": b.L,
                    "batch": b.B, "seq": b.S, "dtype": str(b.dtype), "lora_tenants": b.n_lora},

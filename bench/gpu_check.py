@@ -2,6 +2,7 @@
 
     python bench/gpu_check.py                 # on the GPU box
     python bench/gpu_check.py --device cpu --small   # local smoke (kernel checks skipped)
+    python bench/gpu_check.py --sparse        # diff / MaskBERT kernels (+ sweep timings) and engine checks
 Writes $OUT/gpu_check.json (OUT defaults to ./bench_out). Exit status 1 if any check fails.
 """
 
@@ -19,7 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from schema.layout import PET_TYPES, BaseDims  # noqa: E402
+from schema.layout import LINEAR_SITES, PET_TYPES, BaseDims  # noqa: E402
 from workers.config import Settings  # noqa: E402
 from workers.engine.kernels import time_us, triton_available  # noqa: E402
 from workers.engine.options import EngineOptions  # noqa: E402
@@ -279,15 +280,107 @@ def new_kernel_checks(device, results):
     results.append({"check": "LoRA expand-into-GEMM (init + addmm_) vs torch fp32", "rel_err": rel(out, want)})
 
 
+def sparse_checks(device, results, out_dir, small=False):
+    """Batched diff-pruning / MaskBERT kernels (issue 14) on BERT-base shapes, bf16, vs a dense fp32
+    reference built from the raw deltas; then µs per call at a uniform six-type mix's share of a
+    512 x 128 batch (~85 tenants x 128 tokens) for a config sweep, next to cuBLAS on the same rows."""
+    import types
+    from workers.engine.kernels import triton_sparse as ts
+    from workers.engine.pets import diff, maskbert
+    from workers.engine.pets import sparse as sparse_pets
+    from workers.engine.pets.common import GROUPS, SITE_GROUP, checked_tensors, group_in, group_out, site_col
+    from workers.engine.plan import PetGroup
+    dims = BaseDims(32, 64, 4, 2) if small else BaseDims(768, 3072, 12, 12)
+    rng = np.random.default_rng(5)
+    n_ten, seq = (6, 40) if small else (85, 128)
+    dt = torch.float32 if small else torch.bfloat16  # the interpreter's dot is not bf16-exact (CPU smoke)
+    timings = {}
+    for pet, mod in (("diff", diff), ("maskbert", maskbert)):
+        payloads = [random_delta(f"{pet}{k}", pet, dims, seed=k, density=0.01) for k in range(4)]
+        packed = [mod.tenant_tensors(d, checked_tensors(d, dims), dims) for d in payloads]
+        deltas = [payloads[k % 4] for k in range(n_ten)]  # 4 payloads, every tenant its own device copy
+        residents = [types.SimpleNamespace(sparse={n: v.to(device, dt if v.is_floating_point() else v.dtype)
+                                                   for n, v in packed[k % 4].items()}) for k in range(n_ten)]
+        lens = rng.integers(8, 2 * seq, size=n_ten)
+        lens[: n_ten // 2] = seq
+        spans = np.concatenate([[0], np.cumsum(lens)])
+        T = int(spans[-1])
+        group = PetGroup(pet, None, Segments(0, T, int(lens.max())),
+                         [(r, int(a), int(c)) for r, a, c in zip(residents, spans[:-1], spans[1:])])
+        for g in GROUPS:
+            N, K = group_out(g, dims), group_in(g, dims)
+            w = (torch.randn(N, K, device=device) * 0.03).to(dt)
+            b = (torch.randn(N, device=device) * 0.1).to(dt)
+            lw = types.SimpleNamespace(params=lambda site, w=w, b=b: (w, b))
+            x = torch.randn(T, K, device=device, dtype=dt)
+            base = torch.addmm(b.float(), x.float(), w.float().t())
+            y = base.to(dt) if pet == "diff" else torch.zeros(T, N, device=device, dtype=dt)
+            mod.linear(group, 3, g, x, y, lw, None)
+            err = 0.0
+            for k in range(0, n_ten, 9):  # reference for every 9th tenant (dense fp32 on the device)
+                d, a, c = deltas[k], int(spans[k]), int(spans[k + 1])
+                wf, bf = w.float().clone(), b.float().clone()
+                for s in [s for s in LINEAR_SITES if SITE_GROUP[s] == g]:
+                    o, n = dims.site_shape(s)
+                    col = site_col(s, dims)
+                    if pet == "diff":
+                        dd = torch.zeros(o * n, device=device)
+                        dd[d.tensors[f"layers.3.{s}.delta_index"].to(device)] = \
+                            d.tensors[f"layers.3.{s}.delta_value"].to(device).to(dt).float()
+                        wf[col:col + o] += dd.view(o, n)
+                    else:
+                        m = np.unpackbits(d.tensors[f"layers.3.{s}.mask_bits"].numpy(), count=o * n, bitorder="little")
+                        wf[col:col + o] *= torch.from_numpy(m.reshape(o, n)).to(device).float()
+                want = torch.addmm(bf, x[a:c].float(), wf.t())
+                err = max(err, rel(y[a:c], want))
+            results.append({"check": f"batched {pet} {g} ({n_ten} tenants, {T} rows) {str(dt)[6:]} vs dense fp32",
+                            "rel_err": err})
+            if small:  # CPU smoke under TRITON_INTERPRET: no timings
+                continue
+            # timing: config sweep on this (pet, site group), cuBLAS on the same rows for scale
+            tiles, n_tiles, table = sparse_pets.launch_map(group, mod.TENSORS)
+            row = {"rows": T, "cublas_same_rows_us": time_us(lambda: torch.addmm(b, x, w.t()))}
+            cfgs = ([{"CH": ch, "num_warps": nw} for ch in (16, 32, 64) for nw in (2, 4)] if pet == "diff" else
+                    [{"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": nw, "num_stages": 3}
+                     for bn in (64, 128) for bk in (32, 64) for nw in (4, 8)])
+            for cfg in cfgs:
+                scratch = y.clone()
+                if pet == "diff":
+                    fn = lambda: ts.diff_add(x, scratch, table, tiles, n_tiles, 3 * 4 + GROUPS.index(g),  # noqa: E731
+                                             diff.BLOCK_N, cfg)
+                else:
+                    fn = lambda: ts.masked_linear(x, w, b, scratch, table, tiles, n_tiles,  # noqa: E731
+                                                  3 * 4 + GROUPS.index(g), True, cfg)
+                try:
+                    row[json.dumps(cfg, sort_keys=True)] = time_us(fn)
+                except Exception as exc:  # a config that does not build here is reported, not fatal
+                    row[json.dumps(cfg, sort_keys=True)] = repr(exc)[:120]
+            timings[f"{pet} {g}"] = row
+            best = min(((v, k) for k, v in row.items() if k.startswith("{") and isinstance(v, float)), default=None)
+            print(f"  {pet:8s} {g:8s} rows {T}: cuBLAS same rows {row['cublas_same_rows_us']:.1f} us; "
+                  f"default {row.get(json.dumps(ts.DIFF_CONFIG if pet == 'diff' else ts.MASK_CONFIG, sort_keys=True))}; "
+                  f"best {best}", flush=True)
+    with open(os.path.join(out_dir, "sparse_kernels.json"), "w") as f:
+        json.dump(timings, f, indent=1)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--small", action="store_true")
+    ap.add_argument("--sparse", action="store_true", help="only the diff / MaskBERT kernel checks + engine checks")
     args = ap.parse_args()
     out_dir = os.environ.get("OUT", "./bench_out")
     os.makedirs(out_dir, exist_ok=True)
     results: list[dict] = []
-    if args.device != "cpu" and triton_available():
+    if triton_available() and (args.device != "cpu" or args.small):  # CPU: under TRITON_INTERPRET=1
+        try:
+            sparse_checks(args.device, results, out_dir, args.small)
+        except Exception as exc:  # report, never hide
+            import traceback
+            traceback.print_exc()
+            results.append({"check": f"sparse kernel checks crashed: {exc!r}"[:200], "rel_err": float("inf")})
+    if args.device != "cpu" and triton_available() and not args.sparse:
         try:
             lora_microbench(args.device, out_dir)
         except Exception as exc:  # report, never hide
@@ -302,7 +395,7 @@ def main():
             import traceback
             traceback.print_exc()
             results.append({"check": f"new kernel checks crashed: {exc!r}"[:200], "rel_err": float("inf")})
-    else:
+    elif not args.sparse:
         print("kernel checks skipped (no CUDA/Triton)")
     engine_checks(args.device, args.small, results)
     ok = True

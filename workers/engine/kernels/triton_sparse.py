@@ -79,14 +79,14 @@ def _diff_kernel(x_ptr, y_ptr, tab_ptr, tiles_ptr, n_tiles, hdr, stride_xm, stri
 
 
 def diff_add(x: torch.Tensor, y: torch.Tensor, table: torch.Tensor, tiles: torch.Tensor, n_tiles: int,
-             hdr: int, block_n: int) -> None:
+             hdr: int, block_n: int, cfg: dict | None = None) -> None:
     """y [n_tok, N] += sparse deltas of the tenants in ``table`` on their tiles' rows; ``hdr``: the
-    (layer, site group) entry of each tenant's header."""
+    (layer, site group) entry of each tenant's header. ``cfg``: launch config (sweeps)."""
     assert x.stride(-1) == 1 and y.stride(-1) == 1
     if n_tiles == 0:
         return
     N = y.shape[1]
-    cfg = {"CH": 16, "num_warps": 1} if interpret() else DIFF_CONFIG
+    cfg = cfg or ({"CH": 16, "num_warps": 1} if interpret() else DIFF_CONFIG)
     grid = (n_tiles, triton.cdiv(N, block_n))
     _diff_kernel[grid](x, y, table, tiles, n_tiles, hdr, x.stride(0), y.stride(0), N, BM=TILE_M,
                        BN=block_n, IEEE=x.dtype == torch.float32, **cfg)
@@ -132,14 +132,14 @@ def _masked_kernel(x_ptr, w_ptr, b_ptr, y_ptr, tab_ptr, tiles_ptr, n_tiles, hdr,
 
 
 def masked_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, y: torch.Tensor, table: torch.Tensor,
-                  tiles: torch.Tensor, n_tiles: int, hdr: int, replace: bool) -> None:
+                  tiles: torch.Tensor, n_tiles: int, hdr: int, replace: bool, cfg: dict | None = None) -> None:
     """y[tile rows] = x (W ⊙ M_t)ᵀ + b for each tile's tenant; a tenant without a mask at ``hdr``
     gets x Wᵀ + b when ``replace`` (the shared GEMM skipped its rows), else its rows stay."""
     assert x.stride(-1) == 1 and w.stride(-1) == 1 and y.stride(-1) == 1
     if n_tiles == 0:
         return
     N, K = w.shape
-    cfg = {"BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 1} if interpret() else MASK_CONFIG
+    cfg = cfg or ({"BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 1} if interpret() else MASK_CONFIG)
     grid = (n_tiles, triton.cdiv(N, cfg["BLOCK_N"]))
     _masked_kernel[grid](x, w, b, y, table, tiles, n_tiles, hdr, int(replace), x.stride(0), w.stride(0),
                          y.stride(0), N, K, IEEE=x.dtype == torch.float32, BM=TILE_M, **cfg)

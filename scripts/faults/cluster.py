@@ -52,7 +52,8 @@ class ManagerProcess:
 
 class Cluster:
     def __init__(self, database_url: str, bootstrap: str, tag: str, *, workers: int = 2, managers: int = 1,
-                 tenants: int = 16, partitions: int = 6, worker_env: dict[str, str] | None = None):
+                 tenants: int = 16, partitions: int = 6, worker_env: dict[str, str] | None = None,
+                 keys: bool = False):
         self.database_url, self.bootstrap, self.tag = database_url, bootstrap, tag
         self.n_workers, self.n_managers, self.n_tenants, self.partitions = workers, managers, tenants, partitions
         self.worker_env = worker_env or {}
@@ -60,10 +61,16 @@ class Cluster:
         self.managers: list[ManagerProcess] = []
         self.topics = None
         self.tenants: list[str] = []
+        self.with_keys = keys  # one signing key per tenant, made before the workers start
+        self.keys: dict[str, tuple[str, bytes]] = {}  # tenant -> (key_id, secret)
 
     def setup(self) -> "Cluster":
         self.topics = asyncio.run(make_topics(self.bootstrap, self.tag, partitions=self.partitions))
         self.tenants = make_tenants(session_factory(self.database_url), self.tag, self.n_tenants)
+        if self.with_keys:
+            from workers.auth import TenantKeys, decode_key
+            tk = TenantKeys(session_factory(self.database_url))
+            self.keys = {t: decode_key(tk.create(t)[1]) for t in self.tenants}
         env = {**os.environ, **self.topics.env(), **FAST_CONTROL, "FLOCK_DATABASE_URL": self.database_url,
                "FLOCK_KAFKA_BOOTSTRAP": self.bootstrap, "FLOCK_CONSUMER_GROUP": f"grp-{self.tag}"}
         for i in range(self.n_managers):

@@ -10,6 +10,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from schema.messages import Headers, InferReply, InferRequest, WireError, header_map, now_ms
 from scripts.faults.history import History, Sent
+from workers.auth import sign
 from workers.loadgen import make_text, tenant_sampler
 from workers.kafka_conn import kafka_options
 
@@ -75,8 +76,9 @@ class Collector:
 
 async def drive(bootstrap: str, topic: str, history: History, tenants: list[str], *, rate: float,
                 seconds: float, timeout_s: float = 120.0, seed: int = 0, reply_to: str | None = None,
-                extra: "callable | None" = None) -> None:
-    """Produce requests at ``rate`` for ``seconds``; ``extra(i)`` returns poison records to interleave."""
+                extra: "callable | None" = None, keys: dict[str, tuple[str, bytes]] | None = None) -> None:
+    """Produce requests at ``rate`` for ``seconds``; ``extra(i)`` returns poison records to interleave;
+    with ``keys`` (tenant -> (key_id, secret)) every request is signed with its tenant's key."""
     rng = random.Random(seed)
     pick = tenant_sampler(tenants, "zipf", 1.0, rng)
     p = AIOKafkaProducer(bootstrap_servers=bootstrap, **kafka_options(), enable_idempotence=True, acks="all", linger_ms=2,
@@ -95,16 +97,20 @@ async def drive(bootstrap: str, topic: str, history: History, tenants: list[str]
             req = InferRequest(tenant_id=pick(), text=make_text(rng, 4, 40),
                                deadline_ms=now_ms() + int(timeout_s * 1000), reply_to=reply_to)
             s = history.sent[req.request_id] = Sent(req.tenant_id, time.monotonic(), timeout_s)
-            acks.append(asyncio.ensure_future(_send(p, topic, req, s)))
+            acks.append(asyncio.ensure_future(_send(p, topic, req, s, keys[req.tenant_id] if keys else None)))
             i += 1
         await asyncio.gather(*acks, return_exceptions=True)
     finally:
         await p.stop()
 
 
-async def _send(p: AIOKafkaProducer, topic: str, req: InferRequest, s: Sent) -> None:
+async def _send(p: AIOKafkaProducer, topic: str, req: InferRequest, s: Sent,
+                key: tuple[str, bytes] | None = None) -> None:
+    value, headers = req.encode(), req.headers()
+    if key is not None:
+        headers.append((Headers.AUTH, sign(*key, value)))
     try:
-        fut = await p.send(topic, req.encode(), key=req.tenant_id.encode(), headers=req.headers())
+        fut = await p.send(topic, value, key=req.tenant_id.encode(), headers=headers)
         await fut
         s.acked = True
     except Exception:  # noqa: BLE001 - not acked: not owed a reply
@@ -123,6 +129,42 @@ async def _send_raw(p: AIOKafkaProducer, topic: str, raw: tuple, history: Histor
             history.poison_to_dlq += 1
     except Exception:  # noqa: BLE001
         pass
+
+
+def forgeries(tenants: list[str], keys: dict[str, tuple[str, bytes]], n: int = 200,
+              seed: int = 1) -> list[tuple[bytes, bytes, list, str]]:
+    """Requests in the tenants' names with their real key ids but a wrong secret, so that each
+    costs a worker the full MAC check: (value, key, headers, request_id)."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        t = tenants[i % len(tenants)]
+        req = InferRequest(tenant_id=t, text=make_text(rng, 4, 40))
+        value = req.encode()
+        out.append((value, t.encode(), req.headers() + [(Headers.AUTH, sign(keys[t][0], bytes(32), value))],
+                    req.request_id))
+    return out
+
+
+async def flood_forged(bootstrap: str, topic: str, records: list[tuple[bytes, bytes, list, str]], *,
+                       rate: float, seconds: float) -> int:
+    """Produce ``records`` round and round at ``rate`` for ``seconds``; how many Kafka acked."""
+    p = AIOKafkaProducer(bootstrap_servers=bootstrap, **kafka_options(), linger_ms=5, acks=1)
+    await p.start()
+    futs = []
+    try:
+        start, i = time.monotonic(), 0
+        while time.monotonic() - start < seconds:
+            delay = start + i / rate - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            value, key, headers, _ = records[i % len(records)]
+            futs.append(await p.send(topic, value, key=key, headers=headers))
+            i += 1
+        done = await asyncio.gather(*futs, return_exceptions=True)
+        return sum(1 for d in done if not isinstance(d, BaseException))
+    finally:
+        await p.stop()
 
 
 async def wait_answered(history: History, timeout: float) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import random
 import tempfile
 import time
@@ -14,7 +15,7 @@ from typing import Callable
 
 from scripts.faults.cluster import Cluster, services
 from scripts.faults.history import History
-from scripts.faults.load import Collector, drive, wait_answered
+from scripts.faults.load import Collector, drive, flood_forged, forgeries, wait_answered
 from scripts.faults.poison import poison
 
 
@@ -31,12 +32,13 @@ class Ctx:
 
 async def _run_with_load(ctx: Ctx, cluster: Cluster, name: str, fault: Callable, *, rate: float, seconds: float,
                          at: float, timeout_s: float = 120.0, extra=None, answer_timeout: float = 180) -> tuple[History, str]:
-    """Load for ``seconds``; ``fault(history)`` (a coroutine) starts at ``at`` seconds."""
+    """Load for ``seconds`` (signed when the cluster has tenant keys); ``fault(history)`` (a
+    coroutine) starts at ``at`` seconds."""
     h = History()
     col = Collector(ctx.bootstrap, cluster.topics.replies, cluster.topics.dlq, h)
     await col.start()
     load = asyncio.create_task(drive(ctx.bootstrap, cluster.topics.requests, h, cluster.tenants, rate=rate,
-                                     seconds=seconds, timeout_s=timeout_s, extra=extra))
+                                     seconds=seconds, timeout_s=timeout_s, extra=extra, keys=cluster.keys or None))
     await asyncio.sleep(at)
     start = time.monotonic()
     notes = await fault(h) or ""
@@ -194,6 +196,58 @@ def flood(ctx: Ctx) -> dict:
     return _row("flood beyond capacity", h, notes, bounded=max(peaks) <= bound)
 
 
+def forged_flood(ctx: Ctx) -> dict:
+    """Authenticated tenants at a steady rate, then forged requests (the tenants' real key ids,
+    wrong secrets: each costs a full MAC check) at ``times`` that rate. Authenticated throughput
+    and p99 before and during the flood, and their ratios; no forged request may be computed."""
+    rate, times = 40.0, ctx.seconds(25, 10)
+    seconds, at, flood_s = ctx.seconds(50, 18), ctx.seconds(20, 8), ctx.seconds(20, 6)
+    forged: list = []
+    acked: list[int] = []
+
+    async def fault(cluster: Cluster, h: History) -> str:
+        forged.extend(forgeries(cluster.tenants, cluster.keys, n=int(rate * times * flood_s) + 1))
+        n = await flood_forged(ctx.bootstrap, cluster.topics.requests, forged, rate=rate * times, seconds=flood_s)
+        acked.append(n)
+        return f"{n} forged requests at {times}x the authenticated rate ({rate * times:.0f}/s) for {flood_s:.0f}s"
+
+    def counted(cluster: Cluster) -> dict[str, float]:
+        names = ("flock_auth_unanswered_total", 'flock_auth_failures_total{reason="bad_signature"}')
+        return {n: sum(w.metric(n) or 0 for w in cluster.workers) for n in names}
+
+    h, notes, metrics = _in_cluster(
+        ctx, "fforge", "forged flood", fault, after=counted, rate=rate, seconds=seconds, at=at,
+        cluster={"workers": 2, "tenants": ctx.seconds(16, 6), "keys": True, "worker_env": {"FLOCK_AUTH_REQUIRED": "1"}})
+    _, start, end = h.faults[0]
+    first: dict[str, tuple[str, float]] = {}
+    for rid, status, t in h.replies:
+        first.setdefault(rid, (status, t))
+
+    def window(a: float, b: float) -> tuple[float, float | None]:
+        """Authenticated replies/s received in [a, b) and the p99 of requests sent in it."""
+        lat = sorted((first[rid][1] - s.t_send) * 1000 for rid, s in h.sent.items()
+                     if a <= s.t_send < b and rid in first)
+        got = sum(1 for rid, (_, t) in first.items() if rid in h.sent and a <= t < b)
+        return got / (b - a), (round(lat[min(len(lat) - 1, int(0.99 * len(lat)))], 1) if lat else None)
+
+    warm = min(4.0, at / 2)  # the first seconds load each tenant's adapter once: left out
+    rps_before, p99_before = window(start - (at - warm), start)
+    rps_during, p99_during = window(start, end)
+    forged_ids = {f[3] for f in forged}
+    answers = [status for rid, status, _ in h.replies if rid in forged_ids]
+    computed = sum(1 for status in answers if status != "unauthenticated")
+    slowdown = round(p99_during / p99_before, 2) if p99_before and p99_during else None
+    notes += (f"; host load {os.getloadavg()[0]:.1f}; authenticated {rps_before:.1f} -> {rps_during:.1f} replies/s, p99 {p99_before} -> {p99_during} ms "
+              f"(x{slowdown}); forged: {len(answers)} answered unauthenticated, "
+              f"{metrics['flock_auth_unanswered_total']:.0f} only counted, {computed} computed")
+    return _row(f"forged flood ({times}x the authenticated rate)", h, notes, forged_sent=acked[0] if acked else 0,
+                forged_computed=computed, forged_answered=len(answers),
+                forged_refused=metrics['flock_auth_failures_total{reason="bad_signature"}'],
+                auth_rps_before=round(rps_before, 1), auth_rps_during=round(rps_during, 1),
+                p99_before_ms=p99_before, p99_during_ms=p99_during, slowdown=slowdown,
+                throughput_ratio=round(rps_during / rps_before, 3) if rps_before else None)
+
+
 def _rss_mb(pid: int) -> float:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -247,6 +301,7 @@ SCENARIOS: dict[str, Callable[[Ctx], dict]] = {
     "handover": handover,
     "manager-failover": manager_failover,
     "flood": flood,
+    "forged-flood": forged_flood,
     "poison": poison_inputs,
     "adapters": adapter_uploads,
 }

@@ -137,6 +137,13 @@ def test_unseen_trigram_computed_then_served(dirs):
     assert rep["device_rows"] <= 4 and rep["host_rows"] > 0 and rep["hits_host"] > 0
     assert torch.equal(a, c) and torch.equal(torch.cat([a, b]), direct)
 
+    # Storage grows with the rows (1,024 first, then doubling) without moving any value.
+    rng = np.random.default_rng(7)
+    many = [rng.integers(1, 120, size=60).tolist() for _ in range(40)]
+    want = _states(rt, many, [[0] * 60] * 40, use_table=False)
+    assert torch.equal(_states(rt, many, [[0] * 60] * 40), want)
+    assert rt.report()["device_rows"] > 1024 and torch.equal(_states(rt, many, [[0] * 60] * 40), want)
+
 
 def _upper_only(delta, k: int):
     delta.tensors = {n: t for n, t in delta.tensors.items()

@@ -24,15 +24,13 @@ class PlotTable:
         self.row_bytes = 3 * hidden * torch.empty((), dtype=dtype).element_size()
         self.cap_dev = max(1, int(device_bytes) // self.row_bytes)
         self.cap_host = max(0, int(host_bytes) // self.row_bytes)
-        dev = self.device
-        self.dev_vals = torch.zeros(self.cap_dev, 3, hidden, device=dev, dtype=dtype)
-        self.host_vals = torch.zeros(self.cap_host, 3, hidden, dtype=dtype, pin_memory=dev.type == "cuda")
-        self.dev_key = torch.full((self.cap_dev,), -1, dtype=torch.long, device=dev)
-        self.dev_used = torch.zeros(self.cap_dev, dtype=torch.long, device=dev)
-        self.host_key = torch.full((self.cap_host,), -1, dtype=torch.long)  # host-side bookkeeping
-        self.host_used = torch.zeros(self.cap_host, dtype=torch.long)
-        self.keys = torch.empty(0, dtype=torch.long, device=dev)  # sorted, both tiers
-        self.loc = torch.empty(0, dtype=torch.long, device=dev)
+        # Storage grows (doubling) up to the budget as rows arrive: an idle skipping base holds
+        # no gigabytes of device or pinned memory it does not use.
+        self.dev_vals = self.host_vals = self.dev_key = self.dev_used = self.host_key = self.host_used = None
+        self._grow("dev", 0)
+        self._grow("host", 0)
+        self.keys = torch.empty(0, dtype=torch.long, device=self.device)  # sorted, both tiers
+        self.loc = torch.empty(0, dtype=torch.long, device=self.device)
         self.tick = 0
         self.stats = {"batches": 0, "lookups": 0, "hits_device": 0, "hits_host": 0, "misses": 0,
                       "dropped": 0, "lookup_seconds": 0.0, "compute_seconds": 0.0, "last_lookup_ms": 0.0,
@@ -111,10 +109,34 @@ class PlotTable:
         return out
 
     # ---- insertion and eviction ------------------------------------------------------------
+    def _grow(self, tier: str, rows: int) -> None:
+        """Make at least ``rows`` rows of a tier allocated (capped by its budget)."""
+        dev = tier == "dev"
+        cap = self.cap_dev if dev else self.cap_host
+        vals = self.dev_vals if dev else self.host_vals
+        have = 0 if vals is None else vals.shape[0]
+        if vals is not None and (rows <= have or have == cap):
+            return
+        n = min(cap, max(rows, 2 * have, min(cap, 1024)))
+        where = self.device if dev else torch.device("cpu")
+        new_vals = torch.empty(n, 3, self.hidden, device=where, dtype=self.dtype,
+                               pin_memory=not dev and self.device.type == "cuda")
+        new_key = torch.full((n,), -1, dtype=torch.long, device=where)
+        new_used = torch.zeros(n, dtype=torch.long, device=where)
+        if have:
+            new_vals[:have] = vals
+            new_key[:have] = self.dev_key if dev else self.host_key
+            new_used[:have] = self.dev_used if dev else self.host_used
+        if dev:
+            self.dev_vals, self.dev_key, self.dev_used = new_vals, new_key, new_used
+        else:
+            self.host_vals, self.host_key, self.host_used = new_vals, new_key, new_used
+
     def insert(self, keys: torch.Tensor, vals: torch.Tensor) -> None:
         """Put (distinct, absent) keys into the device tier; LRU device rows not used by this
         batch move down to the host tier. Keys beyond what fits are not kept."""
         keys, vals = keys.to(self.device), vals.to(self.device, self.dtype)
+        self._grow("dev", int((self.dev_key >= 0).sum()) + keys.numel())
         free_score = torch.where(self.dev_key < 0, -1, self.dev_used)
         free_score = torch.where(self.dev_used == self.tick, torch.iinfo(torch.long).max, free_score)
         fit = min(keys.numel(), int((free_score < self.tick).sum()))
@@ -140,6 +162,7 @@ class PlotTable:
             keys, vals, used = keys[keep], vals[keep], used[keep]
         if not m:
             return
+        self._grow("host", int((self.host_key >= 0).sum()) + m)
         score = torch.where(self.host_key < 0, -1, self.host_used)
         rows = torch.topk(score, m, largest=False).indices
         self.host_vals[rows] = vals.to("cpu", non_blocking=False)
@@ -161,6 +184,8 @@ class PlotTable:
         rows, then host rows; returns how many rows were kept."""
         nd = min(keys.numel(), self.cap_dev)
         nh = min(keys.numel() - nd, self.cap_host)
+        self._grow("dev", nd)
+        self._grow("host", nh)
         self.dev_vals[:nd] = vals[:nd].to(self.device, self.dtype)
         self.dev_key[:nd] = keys[:nd].to(self.device)
         if nh:

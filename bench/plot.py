@@ -193,18 +193,19 @@ def main() -> None:
     ap.add_argument("--work", help="Where the skipping bases go (default: a temporary directory).")
     ap.add_argument("--no-accuracy", action="store_true")
     ap.add_argument("--no-speed", action="store_true")
-    ap.add_argument("--quick", action="store_true", help="CPU smoke: 300/150 rows, 1 epoch, 60 distil steps, "
+    ap.add_argument("--quick", action="store_true", help="CPU smoke: 300/150 rows, 1 epoch, 30 distil steps, "
                     "lengths 8,32,128, batch 16, BERT-base lengths 8,32.")
     ap.add_argument("--out", default=str(ROOT / "bench_out"), help="Directory for plot.json.")
     args = ap.parse_args()
     if args.quick:
-        args.train_rows, args.test_rows, args.epochs, args.distil_steps = 300, 150, 1, 60
+        args.train_rows, args.test_rows, args.epochs, args.distil_steps = 300, 150, 1, 30
         args.max_length, args.lengths, args.batch, args.iters = 64, "8,32,128", 16, 3
     args.datasets = [d for d in args.datasets.split(",") if d]
     args.skips = [int(k) for k in args.skips.split(",") if k]
     args.lengths = [int(x) for x in args.lengths.split(",") if x]
     torch.manual_seed(args.seed)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="flock-plot-"))
+    work.mkdir(parents=True, exist_ok=True)
     doc = {"args": {k: v for k, v in vars(args).items()}, "device": args.device,
            "gpu": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None}
     if not args.no_accuracy:

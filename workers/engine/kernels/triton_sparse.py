@@ -65,7 +65,8 @@ def _diff_kernel(x_ptr, y_ptr, tab_ptr, tiles_ptr, n_tiles, hdr, stride_xm, stri
                 v = tl.load(vals + j, mask=jm, other=0.0)
                 xg = tl.load(x_ptr + rows[:, None] * stride_xm + (code >> 8)[None, :],
                              mask=rmask[:, None] & jm[None, :], other=0.0)
-                onehot = tl.where((code & 255)[:, None] == cl[None, :], v[:, None], 0.0).to(xg.dtype)
+                onehot = tl.where((code & 255)[:, None] == cl[None, :], v[:, None].to(xg.dtype),
+                                  tl.zeros((CH, BN), dtype=xg.dtype))
                 if IEEE:
                     acc += tl.dot(xg, onehot, input_precision="ieee")
                 else:
@@ -110,18 +111,18 @@ def _masked_kernel(x_ptr, w_ptr, b_ptr, y_ptr, tab_ptr, tiles_ptr, n_tiles, hdr,
         nn = nb * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = nn < N
         mb = bits + tl.maximum(off, 0)
+        bmask = nmask & ((nn * 0 + off) >= 0)  # rows whose mask bytes exist (none: all ones)
         acc = tl.zeros((BM, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(0, K, BLOCK_K):  # branch-free body: an unmasked tenant reads all-ones bytes
             kk = k0 + tl.arange(0, BLOCK_K)
             kmask = kk < K
             xt = tl.load(x_ptr + rows[:, None] * stride_xm + kk[None, :], mask=rmask[:, None] & kmask[None, :],
                          other=0.0)
             wm = nmask[:, None] & kmask[None, :]
             w = tl.load(w_ptr + nn[:, None] * stride_wn + kk[None, :], mask=wm, other=0.0)
-            if off >= 0:
-                bit = nn[:, None] * K + kk[None, :]
-                byte = tl.load(mb + (bit >> 3), mask=wm, other=0)
-                w = tl.where(((byte >> (bit & 7).to(tl.uint8)) & 1) != 0, w, 0.0)
+            bit = nn[:, None] * K + kk[None, :]
+            byte = tl.load(mb + (bit >> 3), mask=bmask[:, None] & kmask[None, :], other=255)
+            w = tl.where(((byte >> (bit & 7).to(tl.uint8)) & 1) != 0, w, tl.zeros_like(w))
             if IEEE:
                 acc += tl.dot(xt, tl.trans(w), input_precision="ieee")
             else:

@@ -34,8 +34,8 @@ FULL = "full"  # full fine-tuning (bench baseline only: not a PET type, cannot b
 class TrainSpec:
     """What to train and how. ``pet_config`` holds the PET's own options in the layout's names
     (lora: r, alpha, sites, layers; adapter: variant, bottleneck, activation, layers; ia3: sites,
-    layers; bitfit: layers, ln; diff: sites, layers, density, retrain_epochs; maskbert: sites,
-    layers, init_sparsity, threshold). Defaults per type: DEFAULT_PET_CONFIG."""
+    layers; bitfit: layers, ln; diff: sites, layers, density, retrain_epochs, probe; maskbert: sites,
+    layers, init_sparsity, threshold, probe). Defaults per type: DEFAULT_PET_CONFIG."""
 
     pet_type: str = "lora"
     pet_config: dict[str, Any] = field(default_factory=dict)
@@ -96,14 +96,20 @@ DEFAULT_PET_CONFIG: dict[str, dict[str, Any]] = {
     "adapter": {"variant": "pfeiffer", "bottleneck": 64, "activation": "relu"},
     "bitfit": {"ln": True},
     "ia3": {"sites": ["k", "v", "ffn_in"]},
-    "diff": {"density": 0.005, "retrain_epochs": 1},
-    "maskbert": {"threshold": 5e-3, "init_sparsity": 0.0},
+    "diff": {"density": 0.005, "retrain_epochs": 2, "probe": 0.1},
+    "maskbert": {"threshold": 5e-3, "init_sparsity": 0.0, "probe": 0.1},
     FULL: {},
 }
-TRAINER_OPTIONS = ("ln", "density", "retrain_epochs", "threshold", "init_sparsity")
-DEFAULT_LR = {"lora": 1e-3, "adapter": 1e-3, "bitfit": 2e-3, "ia3": 5e-3, "diff": 2e-4, "maskbert": 5e-4,
+TRAINER_OPTIONS = ("ln", "density", "retrain_epochs", "threshold", "init_sparsity", "probe")
+# MaskBERT's lr is the scores' (Adam): every score moves ~lr a step whatever its gradient's size,
+# so a score that starts threshold (5e-3) above the threshold needs ~50 steps pushed the same way
+# to flip at 1e-4; at 5e-4 gradient noise alone flipped 10-17 % of the weights and wrecked the base.
+DEFAULT_LR = {"lora": 1e-3, "adapter": 1e-3, "bitfit": 2e-3, "ia3": 5e-3, "diff": 2e-4, "maskbert": 1e-4,
               FULL: 1e-4}
 DEFAULT_HEAD_LR = 2e-3
+# Learning rate per role of a trainable tensor (Trainable.param_groups): "pet" is the spec's lr;
+# bias deltas (diff-pruning's re-training) train like BitFit's.
+ROLE_LR = {"bias": DEFAULT_LR["bitfit"]}
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -258,15 +264,23 @@ def train(base_model_id: str, examples: Examples, spec: TrainSpec, progress: Pro
         return logits, _metrics(logits[keep].argmax(-1).numpy(), true[keep].numpy(), labels)
 
     def run_phase(phase: str, epochs: int) -> int:
-        params = tr.params()
-        groups = [{"params": params, "lr": lr}] + ([{"params": head.params(), "lr": head_lr}] if phase == "train" else [])
+        roles = {**tr.param_groups(phase), "head": head.params()}
+        groups = [{"params": ps, "lr": head_lr if r == "head" else ROLE_LR.get(r, lr)}
+                  for r, ps in roles.items() if ps]
         opt = torch.optim.AdamW(groups, weight_decay=spec.weight_decay)
         total = epochs * steps_per_epoch
         if spec.max_steps:
             total = min(total, spec.max_steps)
-        warm = max(1, int(spec.warmup * total))
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda k: min((k + 1) / warm, max(0.0, (total - k) / max(1, total - warm))))
+        # The head alone trains for the first tr.probe(phase) of the steps (linear probing, then
+        # the delta): a random head's gradient would push the delta just as hard, and wrongly.
+        starts = [0 if r == "head" else int(tr.probe(phase) * total) for r, ps in roles.items() if ps]
+
+        def schedule(start: int):
+            n = total - start
+            warm = max(1, int(spec.warmup * n))
+            return lambda k: 0.0 if k < start else min((k - start + 1) / warm, max(0.0, (total - k) / max(1, n - warm)))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, [schedule(st) for st in starts])
         step, best, best_state, best_epoch, bad = 0, -1.0, None, 0, 0
         for ep in range(1, epochs + 1):
             order = rng.permutation(n_train)
@@ -330,7 +344,7 @@ def train(base_model_id: str, examples: Examples, spec: TrainSpec, progress: Pro
                "seconds": time.perf_counter() - t_start,
                "seconds_per_epoch": float(np.mean(train_secs)) if train_secs else None,
                "bytes": nbytes, "device": str(device), "history": history, "trainer_options": opts}
-    if hasattr(tr, "sparsity"):
+    if hasattr(tr, "sparsity"):  # diff-pruning, MaskBERT: fraction of the trained sites' weights unchanged / masked
         metrics["mask_sparsity"] = tr.sparsity()
     eval_index = None
     if spec.task == "token_cls":  # the logits rows are the tokens that start a word

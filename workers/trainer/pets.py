@@ -57,6 +57,14 @@ class Trainable:
     def params(self) -> list[torch.Tensor]:
         return [p for p in self.t.values() if p.requires_grad]
 
+    def param_groups(self, phase: str) -> dict[str, list[torch.Tensor]]:
+        """The trainable tensors of a phase by role ("pet": the spec's lr; see core.ROLE_LR)."""
+        return {"pet": self.params()}
+
+    def probe(self, phase: str) -> float:
+        """Fraction of a phase's first steps in which only the head trains."""
+        return 0.0
+
     def logits(self, batch, head: Head) -> torch.Tensor:
         raise NotImplementedError
 
@@ -169,6 +177,28 @@ class Diff(_Reweighted):
     def params(self):
         return [v for v in self.t.values() if v.is_floating_point()]
 
+    def param_groups(self, phase):
+        if phase == "train":
+            return {"pet": self.params()}
+        # re-training: the kept entries go on at the delta's lr; the (dense) bias deltas and the
+        # head, at BitFit's, recover what the dropped 1 - density of the delta carried
+        return {"pet": [v for n, v in self.t.items() if n.endswith("delta_value")],
+                "bias": [v for n, v in self.t.items() if n.endswith(".bias")]}
+
+    def probe(self, phase):
+        return float(self.opts.get("probe", 0.1)) if phase == "train" else 0.0
+
+    def sparsity(self) -> float:
+        """Fraction of the trained sites' weights the stored delta leaves unchanged (1 - density)."""
+        tot = kept = 0
+        for i in layers_of(self.cfg, self.dims):
+            for s in _sites(self.cfg):
+                o, n = self.dims.site_shape(s)
+                tot += o * n
+                kept += (self.t[f"layers.{i}.{s}.delta_index"].numel() if self.phase == "retrain"
+                         else int((self.t[f"layers.{i}.{s}.dense_delta"] != 0).sum()))
+        return 1.0 - kept / max(tot, 1)
+
     def logits(self, batch, head: Head) -> torch.Tensor:
         hb = self.fwd.head_bank(self.cfg, head.t)
         if self.phase == "train":
@@ -207,6 +237,9 @@ class MaskBert(_Reweighted):
                 if p0 > 0:  # the paper starts from a few percent zeros
                     sc[torch.rand(o, n, generator=g) < p0] = 0.0
                 self.t[f"layers.{i}.{s}.scores"] = sc.to(fwd.device).requires_grad_()
+
+    def probe(self, phase):
+        return float(self.opts.get("probe", 0.1))
 
     def mask(self, i, s) -> torch.Tensor:
         return self.t[f"layers.{i}.{s}.scores"] >= self.tau

@@ -365,11 +365,14 @@ def test_hot_tenant_is_spread_and_the_client_follows_the_route(kafka_bootstrap, 
     whale = per_partition_tenants[0]
     rates = {t: 0.5 for t in per_partition_tenants.values()}
     rates[whale] = 12.0
-    sent = asyncio.run(open_loop(kafka_bootstrap, topics.requests, rates, seconds=8))
+    # The whale stays hot for the whole test: a route is dropped once its tenant cools down, and
+    # the checks below (client, tenant show) must see the tenant while it is hot.
+    import concurrent.futures
+    loader = concurrent.futures.ThreadPoolExecutor(1).submit(
+        lambda: asyncio.run(open_loop(kafka_bootstrap, topics.requests, rates, seconds=45)))
     route = wait_for("a route for the hot tenant", lambda: (r := asyncio.run(_q(
-        database_url, "SELECT partitions FROM tenant_routes WHERE tenant_id = $1", whale))) and r[0]["partitions"], 20)
+        database_url, "SELECT partitions FROM tenant_routes WHERE tenant_id = $1", whale))) and r[0]["partitions"], 30)
     assert len(route) >= 2 and 0 in route
-    all_replied(kafka_bootstrap, topics, sent)
 
     async def via_client():
         async with FlockClient(kafka_bootstrap, requests_topic=topics.requests, reply_topic=topics.replies,
@@ -385,3 +388,4 @@ def test_hot_tenant_is_spread_and_the_client_follows_the_route(kafka_bootstrap, 
     assert st["serving"]["spread"] and len(st["serving"]["partitions"]) >= 2
     assert st["serving"]["home_partition"] == 0 and 0 in [p["partition"] for p in st["serving"]["partitions"]]
     assert all(p["worker_id"] for p in st["serving"]["partitions"])  # each partition of the route has an owner
+    all_replied(kafka_bootstrap, topics, loader.result())

@@ -128,6 +128,10 @@ def main() -> None:
                    "max_length": spec.max_length, "trainer_options": m["trainer_options"]}
             if "mask_sparsity" in m:
                 row["mask_sparsity"] = m["mask_sparsity"]
+            # per phase and epoch: validation accuracy of the forward that trained (diff: dense, then
+            # re-training), and how far the served path (engine kernels) is from it
+            row["history"] = [{k: h[k] for k in ("phase", "epoch", "loss", "val_accuracy")} for h in m["history"]]
+            row["served_vs_trained_max_abs"] = m.get("served_vs_trained_max_abs")
             results.append(row)
             print(f"{name:7s} {kind:9s} acc {row['test_accuracy']:.4f} F1 {row['test_macro_f1']:.4f} "
                   f"{row['bytes_per_tenant']:>11,d} B  {row['seconds_per_epoch']:.1f} s/epoch", flush=True)

@@ -101,11 +101,8 @@ DEFAULT_PET_CONFIG: dict[str, dict[str, Any]] = {
     FULL: {},
 }
 TRAINER_OPTIONS = ("ln", "density", "retrain_epochs", "threshold", "init_sparsity", "probe")
-# MaskBERT's lr is the scores' (Adam): every score moves ~lr a step whatever its gradient's size,
-# so a score that starts threshold (5e-3) above the threshold needs ~50 steps pushed the same way
-# to flip at 1e-4; at 5e-4 gradient noise alone flipped 10-17 % of the weights and wrecked the base.
-DEFAULT_LR = {"lora": 1e-3, "adapter": 1e-3, "bitfit": 2e-3, "ia3": 5e-3, "diff": 2e-4, "maskbert": 1e-4,
-              FULL: 1e-4}
+# MaskBERT has none: its scores' lr follows from the run's length (pets.MaskBert.auto_lr).
+DEFAULT_LR = {"lora": 1e-3, "adapter": 1e-3, "bitfit": 2e-3, "ia3": 5e-3, "diff": 2e-4, FULL: 1e-4}
 DEFAULT_HEAD_LR = 2e-3
 # Learning rate per role of a trainable tensor (Trainable.param_groups): "pet" is the spec's lr;
 # bias deltas (diff-pruning's re-training) train like BitFit's.
@@ -244,11 +241,12 @@ def train(base_model_id: str, examples: Examples, spec: TrainSpec, progress: Pro
     fwd = TenantForward(base, device)
     tr = KINDS[spec.pet_type](spec.pet_type, cfg, fwd, g, opts)
     head = Head(cfg, fwd.dims, g, device)
-    lr = spec.lr or DEFAULT_LR[spec.pet_type]
+    lr = spec.lr or DEFAULT_LR.get(spec.pet_type)  # None: tr.auto_lr of each phase
     head_lr = spec.head_lr or DEFAULT_HEAD_LR
     n_train = len(tr_ids)
     steps_per_epoch = -(-n_train // spec.batch_size)
     history: list[dict[str, Any]] = []
+    lrs: dict[str, float] = {}  # the delta's lr per phase (reported)
 
     def evaluate(final: bool = False, data=None) -> tuple[torch.Tensor, dict[str, Any]]:
         ids, tts, ys = data or (va_ids, va_tts, va_y)
@@ -264,23 +262,24 @@ def train(base_model_id: str, examples: Examples, spec: TrainSpec, progress: Pro
         return logits, _metrics(logits[keep].argmax(-1).numpy(), true[keep].numpy(), labels)
 
     def run_phase(phase: str, epochs: int) -> int:
-        roles = {**tr.param_groups(phase), "head": head.params()}
-        groups = [{"params": ps, "lr": head_lr if r == "head" else ROLE_LR.get(r, lr)}
-                  for r, ps in roles.items() if ps]
-        opt = torch.optim.AdamW(groups, weight_decay=spec.weight_decay)
         total = epochs * steps_per_epoch
         if spec.max_steps:
             total = min(total, spec.max_steps)
-        # The head alone trains for the first tr.probe(phase) of the steps (linear probing, then
-        # the delta): a random head's gradient would push the delta just as hard, and wrongly.
-        starts = [0 if r == "head" else int(tr.probe(phase) * total) for r, ps in roles.items() if ps]
 
         def schedule(start: int):
             n = total - start
             warm = max(1, int(spec.warmup * n))
             return lambda k: 0.0 if k < start else min((k - start + 1) / warm, max(0.0, (total - k) / max(1, n - warm)))
 
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, [schedule(st) for st in starts])
+        # The head alone trains for the first tr.probe(phase) of the steps (linear probing, then
+        # the delta): a random head's gradient would push the delta just as hard, and wrongly.
+        start = int(tr.probe(phase) * total)
+        pet_lr = lr if lr is not None else tr.auto_lr(sum(schedule(start)(k) for k in range(total)))
+        roles = [(r, ps) for r, ps in {**tr.param_groups(phase), "head": head.params()}.items() if ps]
+        groups = [{"params": ps, "lr": head_lr if r == "head" else ROLE_LR.get(r, pet_lr)} for r, ps in roles]
+        opt = torch.optim.AdamW(groups, weight_decay=spec.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, [schedule(0 if r == "head" else start) for r, _ in roles])
+        lrs[phase] = pet_lr
         step, best, best_state, best_epoch, bad = 0, -1.0, None, 0, 0
         for ep in range(1, epochs + 1):
             order = rng.permutation(n_train)
@@ -331,6 +330,9 @@ def train(base_model_id: str, examples: Examples, spec: TrainSpec, progress: Pro
 
     # ---- final evaluation through the exported tensors, as served
     eval_logits, m = evaluate(final=True)
+    # the served path (engine kernels on the exported tensors) against the forward that trained:
+    # fp32 on CPU they agree to ~1e-6; a large gap means a kernel disagrees with the training math
+    m["served_vs_trained_max_abs"] = float((eval_logits - evaluate()[0]).abs().max()) if len(va_ids) else 0.0
     if te is not None:
         m["test"] = {**evaluate(final=True, data=te)[1], "rows": len(te[0])}
     tensors = {**tr.export(), **{n: v.detach().float().cpu().contiguous() for n, v in head.t.items()}}
@@ -343,7 +345,7 @@ def train(base_model_id: str, examples: Examples, spec: TrainSpec, progress: Pro
                "epochs_run": sum(1 for h in history if h["phase"] == "train"), "best_epoch": best_epoch,
                "seconds": time.perf_counter() - t_start,
                "seconds_per_epoch": float(np.mean(train_secs)) if train_secs else None,
-               "bytes": nbytes, "device": str(device), "history": history, "trainer_options": opts}
+               "bytes": nbytes, "device": str(device), "history": history, "trainer_options": opts, "lr": lrs}
     if hasattr(tr, "sparsity"):  # diff-pruning, MaskBERT: fraction of the trained sites' weights unchanged / masked
         metrics["mask_sparsity"] = tr.sparsity()
     eval_index = None

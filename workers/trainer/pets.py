@@ -65,6 +65,11 @@ class Trainable:
         """Fraction of a phase's first steps in which only the head trains."""
         return 0.0
 
+    def auto_lr(self, lr_sum: float) -> float:
+        """The delta's lr for a phase when neither the spec nor core.DEFAULT_LR gives one;
+        ``lr_sum``: the phase's lr schedule summed over its steps (lr 1 => total movement)."""
+        raise ValueError(f"{self.pet_type}: no default learning rate; give one")
+
     def logits(self, batch, head: Head) -> torch.Tensor:
         raise NotImplementedError
 
@@ -155,7 +160,12 @@ class Diff(_Reweighted):
                 self.t[f"layers.{i}.{s}.bias"] = torch.zeros(o, device=dev, requires_grad=True)
 
     def site_weight(self, i, s, w, b):
-        return w + self.t[f"layers.{i}.{s}.dense_delta"], b + self.t[f"layers.{i}.{s}.bias"]
+        if self.phase == "train":
+            dw = self.t[f"layers.{i}.{s}.dense_delta"]
+        else:  # the kept entries scattered into W's shape: the engine's diff op's math, with autograd
+            idx, val = self.t[f"layers.{i}.{s}.delta_index"], self.t[f"layers.{i}.{s}.delta_value"]
+            dw = torch.zeros(w.numel(), device=w.device, dtype=w.dtype).index_add(0, idx, val).view_as(w)
+        return w + dw, b + self.t[f"layers.{i}.{s}.bias"]
 
     def finish_phase(self, phase: str) -> None:
         if phase != "train":
@@ -200,14 +210,10 @@ class Diff(_Reweighted):
         return 1.0 - kept / max(tot, 1)
 
     def logits(self, batch, head: Head) -> torch.Tensor:
-        hb = self.fwd.head_bank(self.cfg, head.t)
-        if self.phase == "train":
-            res = self.fwd.resident(HEAD_ONLY, self.cfg, None, hb, None)
-            return self.fwd.logits(batch, res, self.stepped_base())
-        host = {n: v.cpu() for n, v in self.t.items()}  # the converter packs on the host, as at load time
-        delta = TenantDelta(TENANT, 0, "diff", self.cfg, host)
-        sparse = {n: v.to(self.fwd.device) for n, v in PETS["diff"].ops.tenant_tensors(delta, host, self.dims).items()}
-        return self.fwd.logits(batch, self.fwd.resident("diff", self.cfg, None, hb, sparse))
+        # Both phases vary the weight for the step (W + dW): the engine's diff op runs a Triton
+        # kernel on CUDA, which autograd cannot see through (re-training there trained nothing).
+        res = self.fwd.resident(HEAD_ONLY, self.cfg, None, self.fwd.head_bank(self.cfg, head.t), None)
+        return self.fwd.logits(batch, res, self.stepped_base())
 
     def export(self):
         if self.phase == "train":
@@ -225,11 +231,15 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     return (m.reshape(-1, 8) << shifts).sum(1).to(torch.uint8)
 
 
+MASK_FLIP_RUN = 0.5  # MaskBERT: fraction of a run a score must be pushed one way to flip (auto_lr)
+
+
 class MaskBert(_Reweighted):
     def __init__(self, pet_type, cfg, fwd, g, opts):
         super().__init__(pet_type, cfg, fwd, g, opts)
         self.tau = float(opts.get("threshold", 5e-3))
         init, p0 = 2 * self.tau, float(opts.get("init_sparsity", 0.0))
+        self.margin = init - self.tau
         for i in layers_of(cfg, self.dims):
             for s in _sites(cfg):
                 o, n = self.dims.site_shape(s)
@@ -240,6 +250,14 @@ class MaskBert(_Reweighted):
 
     def probe(self, phase):
         return float(self.opts.get("probe", 0.1))
+
+    def auto_lr(self, lr_sum):
+        # Adam moves each score ~lr a step whatever its gradient's size, so the lr sets how many
+        # steps of one-way push flip a weight, and gradient noise flips weights too (a random walk
+        # of ~lr * sqrt(steps)). A fixed lr suits one run length only: 5e-4 over 340 steps let noise
+        # flip 17 % of MiniLM's weights. So the scores cross the margin (init - threshold) only when
+        # pushed one way for MASK_FLIP_RUN of the (schedule-weighted) run, whatever its length.
+        return self.margin / (MASK_FLIP_RUN * max(lr_sum, 1.0))
 
     def mask(self, i, s) -> torch.Tensor:
         return self.t[f"layers.{i}.{s}.scores"] >= self.tau
@@ -292,11 +310,12 @@ KINDS = {"lora": Banked, "adapter": Banked, "bitfit": Banked, "ia3": Banked, "di
 
 def final_logits(tr: Trainable, batch, head: Head) -> torch.Tensor:
     """Evaluation through exactly what serving runs: the exported tensors, converted by the
-    engine (MaskBERT: packed bits through the engine's mask op)."""
-    if isinstance(tr, MaskBert):
+    engine on the host as at load time (diff: index/value through the engine's diff op;
+    MaskBERT: packed bits through its mask op)."""
+    if isinstance(tr, (Diff, MaskBert)):
         t = {n: v.cpu() for n, v in tr.export().items()}
-        delta = TenantDelta(TENANT, 0, "maskbert", tr.cfg, t)
-        sparse = {n: v.to(tr.fwd.device) for n, v in PETS["maskbert"].ops.tenant_tensors(delta, t, tr.dims).items()}
-        res = tr.fwd.resident("maskbert", tr.cfg, None, tr.fwd.head_bank(tr.cfg, head.t), sparse)
+        delta = TenantDelta(TENANT, 0, tr.pet_type, tr.cfg, t)
+        sparse = {n: v.to(tr.fwd.device) for n, v in PETS[tr.pet_type].ops.tenant_tensors(delta, t, tr.dims).items()}
+        res = tr.fwd.resident(tr.pet_type, tr.cfg, None, tr.fwd.head_bank(tr.cfg, head.t), sparse)
         return tr.fwd.logits(batch, res)
     return tr.logits(batch, head)

@@ -46,9 +46,12 @@ class Tuned:
     varlen: str | None = None  # "triton" | "flash" once timed
     varlen_ms: dict = field(default_factory=dict)  # ms per call of each varlen kernel (and errors)
     flash_mode: str | None = None  # which flash varlen call works here ("padded": none does)
+    sparse_kernel: dict = field(default_factory=dict)  # (pet, site group, shape...) -> batched kernel?
+    sparse_kernel_us: dict = field(default_factory=dict)  # str(key) -> {"kernel": us, "per_tenant": us}
 
     def report(self) -> dict:
         """JSON-able summary for the startup log and /metrics."""
         d = asdict(self)
         d["lora_fused"] = {str(k): v for k, v in self.lora_fused.items()}
+        d["sparse_kernel"] = {str(k): v for k, v in self.sparse_kernel.items()}
         return d

@@ -103,8 +103,17 @@ def linear(group, layer: int, site_group: str, x: torch.Tensor, y: torch.Tensor,
     if sparse.use_triton(x):
         from workers.engine.kernels.triton_sparse import diff_add
         tiles, n_tiles, table = sparse.launch_map(group, TENSORS)
-        diff_add(x[seg.t0:seg.t1], y[seg.t0:seg.t1], table, tiles, n_tiles, hdr, BLOCK_N)
-        return
+
+        def kernel(out: torch.Tensor) -> None:
+            diff_add(x[seg.t0:seg.t1], out[seg.t0:seg.t1], table, tiles, n_tiles, hdr, BLOCK_N)
+        if sparse.kernel_wins(enc, "diff", site_group, x, len(group.tenants), y, kernel,
+                              lambda out: _per_tenant(group, hdr, x, out)):
+            kernel(y)
+            return
+    _per_tenant(group, hdr, x, y)
+
+
+def _per_tenant(group, hdr: int, x: torch.Tensor, y: torch.Tensor) -> None:
     N = y.shape[1]
     nb = -(-N // BLOCK_N)
     for res, t0, t1 in group.tenants:

@@ -79,13 +79,21 @@ def linear(group, layer: int, site_group: str, x: torch.Tensor, y: torch.Tensor,
     hdr = layer * len(GROUPS) + GROUPS.index(site_group)
     w, b = base_layer.params(site_group)
     seg = group.seg
+    N, K = w.shape
+
+    def per_tenant(out: torch.Tensor) -> None:
+        for res, t0, t1 in group.tenants:
+            off = int(res.sparse["meta"][hdr])
+            wm = w if off < 0 else w * unpack_mask(res.sparse["bits"][off:off + (N * K + 7) // 8], N, K).to(w.dtype)
+            out[t0:t1] = torch.addmm(b, x[t0:t1], wm.t())
+
     if sparse.use_triton(x):
         from workers.engine.kernels.triton_sparse import masked_linear
         tiles, n_tiles, table = sparse.launch_map(group, TENSORS)
-        masked_linear(x[seg.t0:seg.t1], w, b, y[seg.t0:seg.t1], table, tiles, n_tiles, hdr, replace=True)
-        return
-    N, K = w.shape
-    for res, t0, t1 in group.tenants:
-        off = int(res.sparse["meta"][hdr])
-        wm = w if off < 0 else w * unpack_mask(res.sparse["bits"][off:off + (N * K + 7) // 8], N, K).to(w.dtype)
-        y[t0:t1] = torch.addmm(b, x[t0:t1], wm.t())
+
+        def kernel(out: torch.Tensor) -> None:
+            masked_linear(x[seg.t0:seg.t1], w, b, out[seg.t0:seg.t1], table, tiles, n_tiles, hdr, replace=True)
+        if sparse.kernel_wins(enc, "maskbert", site_group, x, len(group.tenants), y, kernel, per_tenant):
+            kernel(y)
+            return
+    per_tenant(y)

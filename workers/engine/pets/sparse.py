@@ -20,6 +20,33 @@ def use_triton(x: torch.Tensor) -> bool:
     return (x.is_cuda or interpret()) and triton_available()
 
 
+def kernel_wins(enc, pet: str, site_group: str, x: torch.Tensor, n_tenants: int, y: torch.Tensor,
+                kernel, per_tenant) -> bool:
+    """Batched Triton kernel or the per-tenant torch path for this (type, site group, shape,
+    tenant-count class)? Timed once on a scratch copy of y on the first batch of the key and
+    kept on the encoder (``Tuned.sparse_kernel``): on the H200 the batched MaskBERT kernel was
+    slower than one cuBLAS product per tenant at BERT-base shape, so neither path is assumed.
+    Under the Triton interpreter (tests) the kernel is always taken; with autograd on (the
+    trainer) never, since only the torch path is differentiable."""
+    if torch.is_grad_enabled() and (x.requires_grad or y.requires_grad):
+        return False
+    if interpret() or enc is None:
+        return True
+    key = (pet, site_group, x.shape[1], y.shape[1], x.dtype, max(n_tenants, 1).bit_length())
+    choice = enc.tuned.sparse_kernel.get(key)
+    if choice is None:
+        from workers.engine.kernels import time_us
+        scratch = y.clone()
+        try:
+            kernel(scratch)  # compiles / autotunes outside the timing
+            t = {"kernel": time_us(lambda: kernel(scratch)), "per_tenant": time_us(lambda: per_tenant(scratch))}
+        except Exception as exc:  # a kernel that does not build here is simply not chosen
+            t = {"kernel": float("inf"), "per_tenant": 0.0, "error": repr(exc)[:200]}
+        enc.tuned.sparse_kernel_us[str(key)] = t
+        choice = enc.tuned.sparse_kernel[key] = t["kernel"] < t["per_tenant"]
+    return choice
+
+
 def tiles_of(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
     """[3, n_tiles] (start, end, k): tenant k's rows [starts[k], starts[k] + lens[k]) cut into
     TILE_M-row tiles (vectorised)."""

@@ -136,16 +136,21 @@ async def produce_backlog(bootstrap: str, topic: str, reqs: list[InferRequest],
         await p.stop()
 
 
+async def _partitions(c, topic: str) -> list:
+    from aiokafka import TopicPartition
+    parts = c.partitions_for_topic(topic)
+    while not parts:
+        await c._client.force_metadata_update()  # noqa: SLF001 - as tests/serving_harness.collect
+        parts = c.partitions_for_topic(topic)
+    return [TopicPartition(topic, p) for p in parts]
+
+
 async def wait_for_replies(bootstrap: str, topic: str, total: int, timeout: float) -> None:
-    from aiokafka import AIOKafkaConsumer, TopicPartition
+    from aiokafka import AIOKafkaConsumer
     c = AIOKafkaConsumer(bootstrap_servers=bootstrap, **kafka_options(), enable_auto_commit=False)
     await c.start()
     try:
-        parts = c.partitions_for_topic(topic)
-        while not parts:
-            await c._client.force_metadata_update()  # noqa: SLF001 - as tests/serving_harness.collect
-            parts = c.partitions_for_topic(topic)
-        tps = [TopicPartition(topic, p) for p in parts]
+        tps = await _partitions(c, topic)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if sum((await c.end_offsets(tps)).values()) >= total:
@@ -158,15 +163,11 @@ async def wait_for_replies(bootstrap: str, topic: str, total: int, timeout: floa
 async def wait_for_commits(bootstrap: str, topic: str, group: str, timeout: float) -> None:
     """--forged: forgeries over their tenant's refusal budget get no reply, so "done" is every
     request offset committed by the worker's group (asked of the broker, not the worker)."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition
+    from aiokafka import AIOKafkaConsumer
     c = AIOKafkaConsumer(bootstrap_servers=bootstrap, **kafka_options(), group_id=group, enable_auto_commit=False)
     await c.start()
     try:
-        parts = c.partitions_for_topic(topic)
-        while not parts:
-            await c._client.force_metadata_update()  # noqa: SLF001 - as tests/serving_harness.collect
-            parts = c.partitions_for_topic(topic)
-        tps = [TopicPartition(topic, p) for p in parts]
+        tps = await _partitions(c, topic)
         ends = await c.end_offsets(tps)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -147,6 +147,20 @@ REPLY_FIELDS = (
 
 
 # ------------------------------------------------------------------ validation
+def has_value(f: Field, obj: dict, name: str) -> bool:
+    """Whether ``obj`` holds a value for field ``f`` to check; a missing required field or a null
+    non-nullable one is a MALFORMED error (``name`` is its path in the message)."""
+    if f.name not in obj:
+        if f.required:
+            raise WireError(ErrorCode.MALFORMED, f"missing field {name!r}")
+        return False
+    if obj[f.name] is None:
+        if f.nullable:
+            return False
+        raise WireError(ErrorCode.MALFORMED, f"{name!r} must not be null")
+    return True
+
+
 def _check(spec: tuple[Field, ...], obj: Any, where: str, one_of=None) -> dict:
     if not isinstance(obj, dict):
         raise WireError(ErrorCode.MALFORMED, f"{where or 'message'} must be a map")
@@ -158,16 +172,8 @@ def _check(spec: tuple[Field, ...], obj: Any, where: str, one_of=None) -> dict:
             raise WireError(ErrorCode.MALFORMED, f"unknown field {where}{k!r}")
     for f in spec:
         name = f"{where}{f.name}"
-        if f.name not in obj:
-            if f.required:
-                raise WireError(ErrorCode.MALFORMED, f"missing field {name!r}")
-            continue
-        v = obj[f.name]
-        if v is None:
-            if f.nullable:
-                continue
-            raise WireError(ErrorCode.MALFORMED, f"{name!r} must not be null")
-        obj[f.name] = _check_value(f, v, name)
+        if has_value(f, obj, name):
+            obj[f.name] = _check_value(f, obj[f.name], name)
     if one_of is not None:
         present = tuple(sorted(obj))
         if present not in {tuple(sorted(s)) for s in one_of}:

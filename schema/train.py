@@ -24,7 +24,7 @@ import msgpack
 
 from schema.layout import TASKS
 from schema.messages import (ID_RE, SCHEMA_VERSION, TENANT_RE, TOPIC_RE, ErrorCode, Field, WireError, check_map,
-                             now_ms, object_schema)
+                             has_value, now_ms, object_schema)
 from schema.pet import PET_TYPES
 
 CONTENT_TYPE = "application/vnd.flock.train.v1+msgpack"
@@ -146,15 +146,9 @@ def _open_parts(spec: tuple[Field, ...], obj: Any, where: str, one_of=None) -> d
         if f.kind not in _OPEN:
             continue
         name = f"{where}{f.name}"
-        if f.name not in obj:
-            if f.required:
-                raise WireError(ErrorCode.MALFORMED, f"missing field {name!r}")
+        if not has_value(f, obj, name):
             continue
         v = obj[f.name]
-        if v is None:
-            if f.nullable:
-                continue
-            raise WireError(ErrorCode.MALFORMED, f"{name!r} must not be null")
         if f.kind == "map":
             _open_parts(f.fields or (), v, f"{name}.", f.one_of)
         elif f.kind == "dict":

@@ -41,8 +41,9 @@ def send_cmd(tenant_id: str, text: str,
     if as_json:
         print_json(reply.to_wire())
     else:
-        emit(_reply_row(reply), False, ["tenant_id", "status", "label", "score", "adapter_version", "worker_id",
-                                        "total_ms", "error"])
+        # One field per line: a reply has more fields than 80 columns hold side by side.
+        emit([{"field": k, "value": v} for k, v in _reply_row(reply).items() if v is not None], False,
+             ["field", "value"], title="reply")
     if not reply.ok:
         raise typer.Exit(1)
 

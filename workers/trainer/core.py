@@ -35,7 +35,7 @@ class TrainSpec:
     """What to train and how. ``pet_config`` holds the PET's own options in the layout's names
     (lora: r, alpha, sites, layers; adapter: variant, bottleneck, activation, layers; ia3: sites,
     layers; bitfit: layers, ln; diff: sites, layers, density, retrain_epochs, probe; maskbert: sites,
-    layers, init_sparsity, threshold, probe). Defaults per type: DEFAULT_PET_CONFIG."""
+    layers, init_sparsity, threshold, probe, score_init). Defaults per type: DEFAULT_PET_CONFIG."""
 
     pet_type: str = "lora"
     pet_config: dict[str, Any] = field(default_factory=dict)
@@ -97,10 +97,10 @@ DEFAULT_PET_CONFIG: dict[str, dict[str, Any]] = {
     "bitfit": {"ln": True},
     "ia3": {"sites": ["k", "v", "ffn_in"]},
     "diff": {"density": 0.005, "retrain_epochs": 2, "probe": 0.1},
-    "maskbert": {"threshold": 5e-3, "init_sparsity": 0.0, "probe": 0.1},
+    "maskbert": {"threshold": 5e-3, "init_sparsity": 0.0, "probe": 0.1, "score_init": "constant"},
     FULL: {},
 }
-TRAINER_OPTIONS = ("ln", "density", "retrain_epochs", "threshold", "init_sparsity", "probe")
+TRAINER_OPTIONS = ("ln", "density", "retrain_epochs", "threshold", "init_sparsity", "probe", "score_init")
 # MaskBERT has none: its scores' lr follows from the run's length (pets.MaskBert.auto_lr).
 DEFAULT_LR = {"lora": 1e-3, "adapter": 1e-3, "bitfit": 2e-3, "ia3": 5e-3, "diff": 2e-4, FULL: 1e-4}
 DEFAULT_HEAD_LR = 2e-3

@@ -210,8 +210,8 @@ class Diff(_Reweighted):
         return 1.0 - kept / max(tot, 1)
 
     def logits(self, batch, head: Head) -> torch.Tensor:
-        # Both phases vary the weight for the step (W + dW): the engine's diff op runs a Triton
-        # kernel on CUDA, which autograd cannot see through (re-training there trained nothing).
+        # Both phases vary the weight for the step (W + dW): on CUDA the engine's diff op can run
+        # a Triton kernel, which autograd cannot see through (re-training there trained nothing).
         res = self.fwd.resident(HEAD_ONLY, self.cfg, None, self.fwd.head_bank(self.cfg, head.t), None)
         return self.fwd.logits(batch, res, self.stepped_base())
 
@@ -240,10 +240,17 @@ class MaskBert(_Reweighted):
         self.tau = float(opts.get("threshold", 5e-3))
         init, p0 = 2 * self.tau, float(opts.get("init_sparsity", 0.0))
         self.margin = init - self.tau
+        how = opts.get("score_init", "constant")
+        if how not in ("constant", "magnitude"):
+            raise ValueError(f"maskbert score_init {how!r}: one of constant, magnitude")
         for i in layers_of(cfg, self.dims):
             for s in _sites(cfg):
                 o, n = self.dims.site_shape(s)
-                sc = torch.full((o, n), init)
+                if how == "magnitude":  # margin ~ |W| / mean |W|: a big weight needs more push to be cut
+                    a = fwd.base.layers[i].site_weight(s)[0].detach().abs().float().cpu()
+                    sc = self.tau + self.margin * (a / a.mean()).clamp(0.1, 10.0)
+                else:
+                    sc = torch.full((o, n), init)
                 if p0 > 0:  # the paper starts from a few percent zeros
                     sc[torch.rand(o, n, generator=g) < p0] = 0.0
                 self.t[f"layers.{i}.{s}.scores"] = sc.to(fwd.device).requires_grad_()

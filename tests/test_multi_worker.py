@@ -252,7 +252,7 @@ def test_kill9_of_one_worker_re_leases_to_the_other_and_the_supervisor_restarts_
         t = time.monotonic()
         taken = await asyncio.to_thread(wait_for, "the victim's partitions leased to the other worker",
                                         lambda: all(owners(database_url, topic).get(p) == other for p in theirs),
-                                        FAST_CONTROL_LEASE_S + 15, 0.1)
+                                        FAST_CONTROL_LEASE_S + 45, 0.1)  # a guard, not a timing: loaded CI hosts are slow
         return {"re_leased_s": round(time.monotonic() - t, 1), "taken": bool(taken)}
 
     h, notes = asyncio.run(_under_load(kafka_bootstrap, system, seconds=16, at=3, fault=fault))

@@ -27,7 +27,7 @@ TRAINED = {
     "demo-trained-ia3": ("ia3", []),
     "demo-trained-bitfit": ("bitfit", []),
 }
-TRAIN_OPTIONS = ["--epochs", "1", "--max-length", "64", "--batch-size", "16", "--device", "cpu"]
+TRAIN_OPTIONS = ["--epochs", "3", "--max-length", "64", "--batch-size", "16", "--device", "cpu"]
 
 
 def load_bbc(per_topic: int, seed: int = 0) -> list[tuple[str, str]]:

@@ -263,9 +263,12 @@ def test_kill9_of_one_worker_re_leases_to_the_other_and_the_supervisor_restarts_
           f"{r['recovery_s']}s")
     assert r["acked"] > 0 and r["lost"] == 0, r["lost_ids"]
     assert set(r["statuses"]) == {"ok"}, r["statuses"]
-    # Warm: the survivor was handed the dead worker's last-reported hot tenants with each partition.
+    # Warm: each of the dead worker's partitions that had reported hot tenants was placed with
+    # them (the lease row), and the survivor prefetched them as it took the partition.
     warmed = re.findall(r"partition (\d+) placed here: prefetching its (\d+) hot tenants", sup.log()[log_from:])
-    assert {int(p) for p, _ in warmed} >= set(theirs) and any(int(n) > 0 for _, n in warmed), warmed
+    with_hot = {p for p, hot in _sql(database_url, "SELECT partition, hot_tenants FROM partition_leases "
+                                                   "WHERE topic = :t", t=topic) if p in theirs and hot}
+    assert with_hot and {int(p) for p, _ in warmed} >= with_hot, (warmed, with_hot)
     # The supervisor restarted it: a new process under the same worker id, serving again.
     new_pid = wait_for("the restarted worker", lambda: (pid := sup.children().get(victim)) != old_pid and pid, 30)
     wait_for("the restarted worker ready", lambda: sup.ready(0), 120, every=0.5)

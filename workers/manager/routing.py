@@ -17,6 +17,7 @@ from sqlalchemy.dialects.postgresql import JSONB, insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from schema.tables import Tenant, TenantRoute
+from schema.topics import ROUTING_TOPIC, TOPICS
 from workers.kafka_conn import kafka_options
 from workers.manager.pg import secs
 
@@ -70,6 +71,9 @@ READ_ROUTES = select(R.c.tenant_id, R.c.partitions)
 RECENT_ROUTES = select(R.c.tenant_id).where(R.c.updated_at > func.now() - secs("p_age"))
 
 
+ROUTING_TOPIC_SHAPE = TOPICS[ROUTING_TOPIC]  # (partitions, configs), whatever the topic is named
+
+
 class RoutePublisher:
     """Writes route changes to Postgres and the compacted Kafka topic."""
 
@@ -84,6 +88,10 @@ class RoutePublisher:
             return 0
         await conn.execute(WRITE_ROUTES, {"p_routes": changed, "p_removed": removed})
         if self._producer is None:
+            # Create the compacted topic if missing: a send to an absent topic blocks the tick on
+            # metadata (up to the request timeout) and with it every lease decision.
+            from workers.kafka_admin import ensure_topics
+            await ensure_topics(self.bootstrap, {self.topic: ROUTING_TOPIC_SHAPE})
             self._producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, **kafka_options(), acks="all", enable_idempotence=True)
             await self._producer.start()
         futs = [await self._producer.send(self.topic, json.dumps({"tenant_id": t, "partitions": p}).encode(),

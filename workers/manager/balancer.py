@@ -77,9 +77,10 @@ class Plan:
 def imbalance(load: dict[str, float], capacity: dict[str, float]) -> float:
     total_cap = sum(capacity[w] for w in load)
     total = sum(load.values())
-    if not load or total <= 0 or total_cap <= 0:
+    mean = total / total_cap if load and total_cap > 0 else 0.0
+    if mean <= 0:  # no load (or so little it underflows to zero): nothing to balance
         return 1.0
-    return max(load[w] / capacity[w] for w in load) / (total / total_cap)
+    return max(load[w] / capacity[w] for w in load) / mean
 
 
 def _affinity(w: WorkerLoad, p: PartitionLoad) -> float:
@@ -135,7 +136,7 @@ def plan(workers: list[WorkerLoad], partitions: list[PartitionLoad], cfg: Balanc
     if force or current > cfg.threshold:
         moved = {m.partition for m in result.moves}
         mean = sum(load.values()) / sum(cap.values())  # a move changes neither total
-        while len([m for m in result.moves if m.reason == "balance"]) < cfg.max_moves and current > cfg.target:
+        while mean > 0 and len([m for m in result.moves if m.reason == "balance"]) < cfg.max_moves and current > cfg.target:
             candidates = []
             # A move changes two workers' loads: the new maximum is theirs or the largest of the
             # rest, which is among the three largest now. O(partitions x workers) per move.

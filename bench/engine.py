@@ -9,7 +9,7 @@ acquire, plan building, H2D, forward, heads, D2H, RequestOutputs) with 2 batches
     python bench/engine.py                       # GPU
     python bench/engine.py --device cpu --small  # smoke
     python bench/engine.py --quick               # forward alone vs Engine.submit + outputs, 2 shapes
-    python bench/engine.py --mix                 # base + all six / four banked PET types uniformly mixed
+    python bench/engine.py --mix                 # issue 14: base, LoRA, six / four types mixed, FP8 base
 Writes $OUT/engine_bench.json and $OUT/engine_bench.png (OUT defaults to ./bench_out).
 """
 
@@ -139,6 +139,43 @@ class Bench:
             self.add("PEFT per-tenant sequential batch-1 (fwd)", n, n * self.S, t)
         del pm, model
 
+    def fp8_rows(self, cfg, fwd_rate, lora_fixed) -> dict:
+        """FP8 base rows (issue 14 item 3): the same random base, its GEMM inputs calibrated on 4
+        random batches in fp32, served in e4m3 (cuBLASLt on CUDA); base alone and 10k mixed LoRA."""
+        from pathlib import Path
+
+        from workers.engine.derived import write_derived_base
+        from workers.engine.encoder import Encoder
+        from workers.engine.fp8 import FP8_KEY, calibrate, save_scales
+        from workers.engine.model_loading import load_base
+        dev = torch.device(self.dev)
+        ref = Encoder(load_base(self.path), dev, torch.float32)
+        plans = [build_plan(b.input_ids, None, b.cu_seqlens, [None] * b.num_seqs, 0, dev, False)
+                 for b in (random_packed(["-"] * 64, [self.S] * 64, 30522, seed=900 + j) for j in range(4))]
+        amax = calibrate(ref, plans)
+        del ref, plans
+        out = Path(tempfile.mkdtemp()) / "fp8"
+        meta = {"base": "random", "calibration": "4 random batches"}
+        write_derived_base(self.path, out, FP8_KEY, meta)
+        save_scales(str(out), amax, meta)
+        eng8 = Engine(str(out), self.loader, device=self.dev, dtype=self.dtype, pool_config=cfg,
+                      options=EngineOptions.from_settings(Settings()))
+        try:
+            print("  FP8 base:", eng8.tuned_choices()["fp8_base"], flush=True)
+            bb = random_packed(["-"] * self.B, [self.S] * self.B, 30522)
+            plan = build_plan(bb.input_ids, None, bb.cu_seqlens, [None] * self.B, 0, dev, eng8._want_tiles)
+            with torch.inference_mode():
+                t = timeit(lambda: eng8.encoder.forward(plan), self.dev, self.iters)
+                if self.dev != "cpu":
+                    profile_table(lambda: eng8.encoder.forward(plan), "Flock FP8 base (fwd)")
+            row_base = self.add("Flock FP8 base (fwd)", self.B, self.B * self.S, t, "e4m3 shared GEMMs, static scales")
+            eng8.prefetch([f"lora-{i}" for i in range(self.n_lora)]).result()
+            row_lora = fwd_rate(f"Flock FP8 base + {self.n_lora} mixed LoRA r8 q,v (fwd)", lora_fixed,
+                                "LoRA deltas in the serving dtype", engine=eng8)
+        finally:
+            eng8.close()
+        return {"base": row_base, "lora": row_lora}
+
     def ours(self):
         cfg = PoolConfig(device_bytes=(30 << 30) if not self.small else (1 << 30), host_bytes=2 << 30,
                          default_slots=512, slots={"lora:r8:q,v": self.n_lora + 256, "head:c2": self.n_lora + 4096})
@@ -164,21 +201,23 @@ class Bench:
                 return [random_packed([f"lora-{int(x)}" for x in rng.integers(0, self.n_lora, size=len(ls))], ls, 30522,
                                       seed=j) for j, ls in enumerate(lengths_fn() for _ in range(k))]
 
-            def fwd_rate(name, batches, note="", profile=False):
+            def fwd_rate(name, batches, note="", profile=False, engine=None):
+                e = engine or eng
                 plans, held = [], []
                 for b in batches:
-                    got = eng.pool.acquire(b.tenant_ids)
+                    got = e.pool.acquire(b.tenant_ids)
                     held += [r for r in got.values() if isinstance(r, Resident)]
                     res = [got[t] for t in b.tenant_ids]
                     plans.append(build_plan(b.input_ids, None, b.cu_seqlens, res, 0, torch.device(self.dev),
-                                            eng._want_tiles))
-                    plans[-1].layer_events = eng.pool.layer_events(res)
+                                            e._want_tiles))
+                    plans[-1].layer_events = e.pool.layer_events(res)
                 it = iter(range(10**9))
+                en = e.encoder
 
                 def step():
                     p = plans[next(it) % len(plans)]
-                    hidden = enc.forward(p)
-                    pooled = heads.pool_hidden(hidden, p, enc.base.pooler_w, enc.base.pooler_b)
+                    hidden = en.forward(p)
+                    pooled = heads.pool_hidden(hidden, p, en.base.pooler_w, en.base.pooler_b)
                     for hg in p.heads:
                         if hg.seq_order:
                             heads.seq_logits(hg, pooled)
@@ -186,7 +225,7 @@ class Bench:
                     t = timeit(step, self.dev, self.iters, warmup=len(plans) + 1)
                     if profile and self.dev != "cpu":
                         profile_table(step, name)
-                eng.pool.release(held)
+                e.pool.release(held)
                 seqs = np.mean([b.num_seqs for b in batches])
                 toks = np.mean([b.num_tokens for b in batches])
                 return self.add(name, seqs, toks, t, note)
@@ -243,10 +282,13 @@ class Bench:
                                 batches(["lora", "adapter", "bitfit", "ia3"], 400), "LoRA, adapter, BitFit, IA3: 1/4 each")
                 return six, four
 
-            if self.mix_only:  # base + the mixed-type rows only (fits one short device call)
-                six, four = uniform_rows()
-                return base, six, four
             fixed = lora_batches(8, lambda: [S] * B)
+            if self.mix_only:  # issue 14's rows only (fits one short device call)
+                lora = fwd_rate(f"Flock {self.n_lora} mixed LoRA r8 q,v (fwd)", fixed, "uniform over all tenants",
+                                profile=True)
+                six, four = uniform_rows()
+                fp8 = self.fp8_rows(cfg, fwd_rate, fixed)
+                return base, lora, six, four, fp8
             if self.quick:  # forward alone vs submit, fixed 512 x 128 and lengths 8-128: nothing else
                 out = {}
                 lf = fwd_rate(f"Flock {self.n_lora} mixed LoRA r8 q,v (fwd)", fixed, "prebuilt plans")
@@ -385,7 +427,8 @@ def main():
                     help="only forward-alone vs Engine.submit (+ outputs) at 512 x 128 and at lengths 8-128, "
                          "with the ratios; writes $OUT/engine_submit.json")
     ap.add_argument("--mix", action="store_true",
-                    help="only our base and the mixed-PET-type rows (all six / four banked types uniformly mixed)")
+                    help="only issue 14's rows: our base, 10k mixed LoRA, all six / four banked PET types "
+                         "uniformly mixed, FP8 base alone and with 10k mixed LoRA")
     args = ap.parse_args()
     out = os.environ.get("OUT", "./bench_out")
     os.makedirs(out, exist_ok=True)
@@ -395,9 +438,12 @@ def main():
     if args.quick:
         return quick_report(b, out, dev_name)
     if args.mix:
-        base, six, four = b.ours()
-        ratios = {"mix6_uniform_fwd_vs_our_base": six["seq_s"] / base["seq_s"],
-                  "mix4_uniform_fwd_vs_our_base": four["seq_s"] / base["seq_s"]}
+        base, lora, six, four, fp8 = b.ours()
+        ratios = {"lora_fwd_vs_our_base": lora["seq_s"] / base["seq_s"],
+                  "mix6_uniform_fwd_vs_our_base": six["seq_s"] / base["seq_s"],
+                  "mix4_uniform_fwd_vs_our_base": four["seq_s"] / base["seq_s"],
+                  "fp8_base_vs_our_base": fp8["base"]["seq_s"] / base["seq_s"],
+                  "fp8_lora_vs_our_base": fp8["lora"]["seq_s"] / base["seq_s"]}
         print_table(b.rows, ratios)
         with open(os.path.join(out, "engine_mix.json"), "w") as f:
             json.dump({"device": dev_name, "torch": torch.__version__, "rows": b.rows, "ratios": ratios}, f, indent=1)

@@ -5,10 +5,12 @@ News and tweet training texts (unlabelled), LoRA and Houlsby-adapter tenants tra
 >= K of the FULL model (the trainer, unchanged), then served from the same delta by the plain
 base and by the skipping base: held-out accuracy of each, and the table's hit rate on held-out
 text (share of held-out tri-gram occurrences already in the corpus table).
-Speed: sequences/s of one batch of 8 LoRA tenants on layers >= K at lengths 8..128 served by
-the plain base (all layers) and by the skipping base (warm table: every window a hit; cold: every
-window a miss), and of a mixed batch (half its rows from 8 tenants adapting every layer) on the
-skipping base, for MiniLM (K = 3) and a BERT-base-shaped random model with K = 6.
+Speed: sequences/s of one batch (--tokens per batch, 32,768 by default, at every length 8..128)
+of 8 LoRA tenants on layers >= K served by the plain base (all layers) and by the skipping base
+(warm table: every window a hit; cold: every window a miss), and of a mixed batch (half its rows
+from 8 tenants adapting every layer) on the skipping base, for MiniLM (K = 3) and a
+BERT-base-shaped random model with K = 6. GPU seq/s come from the engine's compute-stream events
+(forward with lookups and misses, heads, copy-out); wall seq/s add the host path of Engine.run.
 
     .venv/bin/python bench/plot.py --quick                                   # CPU smoke
     .venv/bin/python bench/train_quality.py --export-data /tmp/tq            # splits to carry
@@ -43,6 +45,7 @@ from workers.engine.pool import PoolConfig  # noqa: E402
 from workers.engine.runtime import Engine  # noqa: E402
 from workers.engine.synthetic import random_delta, save_random_bert  # noqa: E402
 from workers.engine.tokenize import BatchTokenizer  # noqa: E402
+from workers.config import settings  # noqa: E402
 from workers.models import resolve_model_dir  # noqa: E402
 from workers.trainer.core import TrainSpec, load_examples, train  # noqa: E402
 
@@ -71,7 +74,7 @@ def _keys_of(tok: BatchTokenizer, texts: list[str], vocab: int) -> torch.Tensor:
 
 
 def accuracy_side(args, work: Path) -> list[dict]:
-    base_dir = str(resolve_model_dir(MODEL))
+    base_dir = str(resolve_model_dir(MODEL, settings().models_dir))
     data = {n: load_splits(n, args) for n in args.datasets}
     corpus = work / "corpus.txt"
     corpus.write_text("".join(r["text"].replace("\n", " ") + "\n" for n in data for r in data[n][0]))
@@ -114,17 +117,21 @@ def accuracy_side(args, work: Path) -> list[dict]:
     return results
 
 
-def _time(engine: Engine, batch: PackedBatch, iters: int) -> float:
+def _time(engine: Engine, batch: PackedBatch, iters: int) -> tuple[float, float]:
+    """(median wall seconds of Engine.run, median GPU seconds of its compute) per batch. The GPU
+    time (compute-stream events: forward incl. table lookups and misses, heads, D2H) is what
+    skipping layers saves; the wall time adds the host path (tokens in, plan, outputs)."""
     engine.run(batch)  # warm-up (and, on the skipping base, fills the table)
-    if engine.device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
+    walls, gpus = [], []
     for _ in range(iters):
-        engine.run(batch)
-    return (time.perf_counter() - t0) / iters
+        t0 = time.perf_counter()
+        out = engine.run(batch)
+        walls.append(time.perf_counter() - t0)
+        gpus.append(out.timings.get("gpu_ms", walls[-1] * 1e3) / 1e3)  # CPU: no events, wall time
+    return float(np.median(walls)), float(np.median(gpus))
 
 
-def speed_side(args, work: Path, model: str, base_dir: str, K: int, batch_seqs: int) -> list[dict]:
+def speed_side(args, work: Path, model: str, base_dir: str, K: int, tokens: int) -> list[dict]:
     """Plain vs skipping (warm and cold table) on one batch of upper-layer LoRA tenants."""
     base = load_base(base_dir)
     dims = base.dims
@@ -139,14 +146,15 @@ def speed_side(args, work: Path, model: str, base_dir: str, K: int, batch_seqs: 
         deltas[d.tenant_id] = d
         full = random_delta(f"f{j}", "lora", dims, 100 + j)  # adapts every layer: never skips
         deltas[full.tenant_id] = full
-    tenants = [f"t{j % 8}" for j in range(batch_seqs)]
-    half = [f"t{j % 8}" if j % 2 else f"f{j % 8}" for j in range(batch_seqs)]  # a mixed batch
     rows = []
     dev = args.device
     plain = Engine(base_dir, deltas.__getitem__, device=dev, pool_config=PoolConfig(default_slots=16))
     skip = Engine(str(out), deltas.__getitem__, device=dev, pool_config=PoolConfig(default_slots=16))
     try:
         for L in args.lengths:
+            batch_seqs = max(8, tokens // L)  # the same token budget at every length
+            tenants = [f"t{j % 8}" for j in range(batch_seqs)]
+            half = [f"t{j % 8}" if j % 2 else f"f{j % 8}" for j in range(batch_seqs)]  # a mixed batch
             rng = np.random.default_rng(L)
             ids = torch.from_numpy(rng.integers(1000, base.word_emb.shape[0], size=batch_seqs * L))
             b = PackedBatch(ids, torch.arange(0, batch_seqs * L + 1, L), tenants)
@@ -154,26 +162,34 @@ def speed_side(args, work: Path, model: str, base_dir: str, K: int, batch_seqs: 
             t_warm = _time(skip, b, args.iters)
             t_half = _time(skip, PackedBatch(ids, b.cu_seqlens, half), args.iters)
             # cold: a fresh random batch each call (every window a miss, computed and inserted)
+            warm_stats = skip.plot_stats()
             cold = []
             for it in range(max(1, args.iters // 2)):
                 ids2 = torch.from_numpy(rng.integers(1000, base.word_emb.shape[0], size=batch_seqs * L))
                 b2 = PackedBatch(ids2, b.cu_seqlens, tenants)
                 t0 = time.perf_counter()
-                skip.run(b2)
-                cold.append(time.perf_counter() - t0)
+                out = skip.run(b2)
+                cold.append(out.timings.get("gpu_ms", (time.perf_counter() - t0) * 1e3) / 1e3)
             st = skip.plot_stats()
+            t_cold = float(np.median(cold))
             row = {"model": model, "skip": K, "layers": dims.layers, "length": L, "batch": batch_seqs,
-                   "seq_s_plain": round(batch_seqs / t_plain, 1), "seq_s_skip_warm": round(batch_seqs / t_warm, 1),
-                   "seq_s_skip_cold": round(batch_seqs / float(np.median(cold)), 1),
-                   "seq_s_skip_half": round(batch_seqs / t_half, 1), "speedup_half": round(t_plain / t_half, 3),
-                   "speedup_warm": round(t_plain / t_warm, 3), "speedup_cold": round(t_plain / float(np.median(cold)), 3),
+                   "gpu_seq_s_plain": round(batch_seqs / t_plain[1], 1),
+                   "gpu_seq_s_skip_warm": round(batch_seqs / t_warm[1], 1),
+                   "gpu_seq_s_skip_half": round(batch_seqs / t_half[1], 1),
+                   "gpu_seq_s_skip_cold": round(batch_seqs / t_cold, 1),
+                   "speedup_warm": round(t_plain[1] / t_warm[1], 3), "speedup_half": round(t_plain[1] / t_half[1], 3),
+                   "speedup_cold": round(t_plain[1] / t_cold, 3),
+                   "wall_seq_s_plain": round(batch_seqs / t_plain[0], 1),
+                   "wall_seq_s_skip_warm": round(batch_seqs / t_warm[0], 1),
+                   "wall_speedup_warm": round(t_plain[0] / t_warm[0], 3),
                    "table_rows_device": st["device_rows"], "table_bytes_device": st["device_bytes"],
-                   "last_lookup_ms": round(st["last_lookup_ms"], 3), "last_compute_ms": round(st["last_compute_ms"], 3)}
+                   "warm_lookup_ms": round(warm_stats["last_lookup_ms"], 3),
+                   "cold_lookup_ms": round(st["last_lookup_ms"], 3), "cold_compute_ms": round(st["last_compute_ms"], 3)}
             rows.append(row)
-            print(f"  {model:10s} K={K} L={L:3d}: plain {row['seq_s_plain']:8.1f} seq/s, skip warm "
-                  f"{row['seq_s_skip_warm']:8.1f} ({row['speedup_warm']:.2f}x), cold {row['seq_s_skip_cold']:8.1f} "
-                  f"({row['speedup_cold']:.2f}x), half skipping {row['seq_s_skip_half']:8.1f} "
-                  f"({row['speedup_half']:.2f}x)", flush=True)
+            print(f"  {model:9s} K={K} L={L:3d} x{batch_seqs:5d}: GPU seq/s plain {row['gpu_seq_s_plain']:8.0f}, "
+                  f"skip warm {row['speedup_warm']:.2f}x, half {row['speedup_half']:.2f}x, cold "
+                  f"{row['speedup_cold']:.2f}x; wall warm {row['wall_speedup_warm']:.2f}x; lookup "
+                  f"{row['warm_lookup_ms']:.2f} ms", flush=True)
     finally:
         plain.close()
         skip.close()
@@ -192,7 +208,7 @@ def main() -> None:
     ap.add_argument("--distil-lr", type=float, default=1e-4)
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--lengths", default="8,16,32,64,128")
-    ap.add_argument("--batch", type=int, default=256, help="Sequences per speed batch.")
+    ap.add_argument("--tokens", type=int, default=32768, help="Tokens per speed batch (sequences = tokens / length).")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
@@ -206,7 +222,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.train_rows, args.test_rows, args.epochs, args.distil_steps = 300, 150, 1, 30
-        args.max_length, args.lengths, args.batch, args.iters = 64, "8,32,128", 16, 3
+        args.max_length, args.lengths, args.tokens, args.iters = 64, "8,32,128", 512, 3
     args.datasets = [d for d in args.datasets.split(",") if d]
     args.skips = [int(k) for k in args.skips.split(",") if k]
     args.lengths = [int(x) for x in args.lengths.split(",") if x]
@@ -220,15 +236,15 @@ def main() -> None:
         doc["accuracy"] = accuracy_side(SimpleNamespace(**vars(args)), work)
     if not args.no_speed:
         print("speed:", flush=True)
-        minilm = str(resolve_model_dir(MODEL))
-        doc["speed"] = speed_side(args, work, "minilm", minilm, 3, args.batch)
+        minilm = str(resolve_model_dir(MODEL, settings().models_dir))
+        doc["speed"] = speed_side(args, work, "minilm", minilm, 3, args.tokens)
         bb = work / "bert-base-random"
         if not (bb / "config.json").exists():
             save_random_bert(str(bb))
         if args.quick:
             args.lengths = [8, 32]
-            args.batch = 8
-        doc["speed"] += speed_side(args, work, "bert-base", str(bb), 6, args.batch)
+            args.tokens = 128
+        doc["speed"] += speed_side(args, work, "bert-base", str(bb), 6, args.tokens)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "plot.json").write_text(json.dumps(doc, indent=1))

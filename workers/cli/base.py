@@ -1,4 +1,5 @@
-"""``flockserve base build-plot``: a skipping base from a base model and an unlabelled corpus."""
+"""``flockserve base``: derived bases from a base model and an unlabelled corpus: ``build-plot`` (a
+lower-layer skipping base) and ``build-fp8`` (an FP8 base)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import typer
 
 from workers.cli.app import CliError, JsonFlag, emit, group, run_cli
 
-base_app = group("base", "Base models: derived lower-layer skipping bases (issue 13).")
+base_app = group("base", "Base models: derived lower-layer skipping and FP8 bases.")
 
 
 @base_app.command("build-plot")
@@ -51,6 +52,42 @@ def build_plot(base: Annotated[str, typer.Argument(help="Base model id or checkp
         res["id"] = name
         emit(res, as_json, ["id", "skip", "texts", "steps", "loss_last", "table_rows", "table_bytes", "out"],
              title="skipping base")
+    run_cli(go)
+
+
+@base_app.command("build-fp8")
+def build_fp8(base: Annotated[str, typer.Argument(help="Base model id or checkpoint directory.")],
+              corpus: Annotated[List[str], typer.Option("--corpus", help="Text (one per line) or JSONL "
+                                                        "(`text`) files for calibration; repeat or list after it.")],
+              extra: Annotated[Optional[List[str]], typer.Argument(help="More corpus files.")] = None,
+              out_id: Annotated[Optional[str], typer.Option(help="New base id (default BASE-fp8), a "
+                                                             "directory under FLOCK_MODELS_DIR.")] = None,
+              max_texts: Annotated[int, typer.Option(help="Calibration texts used (first N).")] = 4096,
+              batch_size: int = 64, max_length: int = 128,
+              device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N")] = "cpu",
+              quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+              as_json: JsonFlag = False) -> None:
+    """Calibrate static FP8 (e4m3) scales for every shared GEMM input on the corpus (fp32 pass
+    of the plain base) and write an FP8 base: workers serving it run the shared GEMMs in FP8 on
+    GPUs that have FP8 tensor cores (emulated elsewhere); tenants' deltas stay in bf16."""
+    def go():
+        from workers.config import settings
+        from workers.engine.fp8 import build_fp8_base
+        from workers.models import resolve_model_dir
+        s = settings()
+        base_dir = resolve_model_dir(base, s.models_dir)
+        name = out_id or f"{Path(base).name}-fp8"
+        out = Path(s.models_dir) / name
+        if max_texts < 1 or batch_size < 1:
+            raise CliError("--max-texts and --batch-size must be at least 1")
+        try:
+            with _Bars(quiet or as_json) as bars:
+                res = build_fp8_base(base, str(base_dir), out, list(corpus) + list(extra or []), max_texts,
+                                     max_length, batch_size, device, bars.update)
+        except (FileNotFoundError, ValueError, UnicodeError) as e:
+            raise CliError(str(e)) from e
+        res["id"] = name
+        emit(res, as_json, ["id", "texts", "amax_min", "amax_max", "out"], title="FP8 base")
     run_cli(go)
 
 

@@ -38,6 +38,16 @@ class Encoder:
         self.lora_into_gemm = self.fast and self.options.lora_into_gemm
         self._hooks = {h: with_hook(h) for h in HOOKS}  # hook -> {pet type: ops module}
         self.plot = None  # plot.serve.PlotRuntime of a skipping base (set by the engine)
+        self.fp8 = None  # fp8.Fp8Gemms of an FP8 base (enable_fp8)
+        self.observe = None  # (layer, site group, GEMM input) -> None: FP8 calibration
+
+    def enable_fp8(self, act_amax: torch.Tensor) -> None:
+        """Serve the shared GEMMs in e4m3 with these calibrated input amaxes (fp8.py)."""
+        from workers.engine.fp8 import Fp8Gemms
+        # quantising kernels on CUDA only (the interpreter does not round e4m3 as the GPU does)
+        self.fp8 = Fp8Gemms(self.base, act_amax, self.device, self.dtype,
+                            use_kernels=self.fast and self.device.type == "cuda")
+        self.lora_into_gemm = False  # the FP8 GEMM does not accumulate into a prepared output
 
     def _at(self, plan, hook: str):
         """(group, ops) of the plan's PET groups whose type acts at ``hook``, in plan order."""
@@ -52,12 +62,16 @@ class Encoder:
             x = x + (b.type_emb.index_select(0, tt) if tt is not None else b.type_emb[0])
         return F.layer_norm(x, (x.shape[-1],), b.emb_ln_w, b.emb_ln_b, b.eps)
 
-    def _gemm(self, plan, i: int, group: str, lw, x: torch.Tensor) -> torch.Tensor:
-        """y = x w^T + b (the layer's shared GEMM for this site group) plus every PET group's delta."""
+    def _gemm(self, plan, i: int, group: str, lw, x: torch.Tensor | None, xq=None) -> torch.Tensor:
+        """y = x w^T + b (the layer's shared GEMM for this site group) plus every PET group's delta.
+        xq: x's e4m3 copy already made by its producer (FP8 base); x None: only xq exists (no
+        PET group reads this GEMM's input)."""
+        if self.observe is not None:
+            self.observe(i, group, x)
         w, b = lw.params(group)
         init = self._init_groups(plan, group) if self.lora_into_gemm else []
         if not init:
-            y = self._shared(plan, x, w, b)
+            y = self._shared(plan, i, group, x, w, b, xq)
             self._linear(plan, i, group, lw, x, y)
             return y
         T = x.shape[0]
@@ -74,9 +88,15 @@ class Encoder:
         self._linear(plan, i, group, lw, x, y, skip={id(g) for g, _ in init})
         return y
 
-    def _shared(self, plan, x, w, b) -> torch.Tensor:
+    def _shared(self, plan, i, group, x, w, b, xq=None) -> torch.Tensor:
         """x w^T + b on the rows no "linear_replace" group rewrites (their rows are left unset)."""
         skip = sorted((g.seg.t0, g.seg.t1) for g, _ in self._at(plan, "linear_replace"))
+        if self.fp8 is not None:
+            if xq is None:
+                xq = self.fp8.quantize(i, group, x)
+            if not skip:
+                return self.fp8.linear(i, group, xq, b)
+            x = xq  # spans below slice the e4m3 input
         if not skip:
             return torch.addmm(b, x, w.t())
         T = x.shape[0]
@@ -90,9 +110,12 @@ class Encoder:
             for a, c in spans:
                 y[a:c] = torch.addmm(b, x[a:c], w.t())
             return y
-        y = torch.empty(T, w.shape[0], device=x.device, dtype=x.dtype)
+        y = torch.empty(T, w.shape[0], device=x.device, dtype=self.dtype)
         for a, c in spans:
-            torch.addmm(b, x[a:c], w.t(), out=y[a:c])
+            if self.fp8 is not None:
+                y[a:c] = self.fp8.linear(i, group, x[a:c], b)
+            else:
+                torch.addmm(b, x[a:c], w.t(), out=y[a:c])
         return y
 
     def _init_groups(self, plan, group: str) -> list:
@@ -106,36 +129,53 @@ class Encoder:
     def _linear(self, plan, i: int, group: str, lw, x: torch.Tensor, y: torch.Tensor, skip=frozenset()) -> None:
         """Add every PET group's delta for one linear site group (each touches only its rows)."""
         for g, ops in self._at(plan, "linear"):
-            if id(g) not in skip:
+            if id(g) not in skip and (x is not None or ops.linear_touches(g, group)):
                 ops.linear(g, i, group, x, y, lw, self)
 
-    def _add_layer_norm(self, plan, i, ln_site, x, o, w, b):
+    def _add_layer_norm(self, plan, i, ln_site, x, o, w, b, q_for=None):
+        """(LayerNorm(x + o) with the PET groups' LayerNorm deltas, its e4m3 copy or None). q_for:
+        (layer, site group) of the GEMM that reads the output, on an FP8 base."""
         if self.fast:
             ln = self._at(plan, "layer_norm")
             if len(ln) <= 1:  # LayerNorm gamma/beta deltas: per-row affine inside the fused kernel
                 from workers.engine.kernels.triton_norm import add_layer_norm
                 delta = ln[0][1].ln_delta(ln[0][0], i, ln_site) if ln else None
-                return add_layer_norm(o, x, w, b, self.base.eps, delta)
-        return self._layer_norm(plan, i, ln_site, x + o, w, b)
+                if self.fp8 is not None and self.fp8.use_kernels and q_for is not None:
+                    return add_layer_norm(o, x, w, b, self.base.eps, delta, self.fp8.inv_x[q_for])
+                return add_layer_norm(o, x, w, b, self.base.eps, delta), None
+        return self._layer_norm(plan, i, ln_site, x + o, w, b), None
 
-    def _ffn_in(self, plan, i, lw, x):
+    def _ffn_in(self, plan, i, lw, x, xq=None):
+        """(FFN-in output after the nonlinearity, or None, and its e4m3 copy, or None): on an FP8
+        base with no PET group reading FFN-out's input, GELU and quantisation are one pass."""
         if self._scales(plan, "in.ffn_in"):  # input scaling: a scaled copy (x stays the residual)
             x = x.clone()
             self._scale(plan, i, "in.ffn_in", x)
+            xq = None
         pre = self._scales(plan, "scale.ffn_pre")  # a scale between the GEMM and the nonlinearity
         if self.fast_gelu and not pre:
             touch = [(g, ops) for g, ops in self._at(plan, "linear") if ops.linear_touches(g, "ffn_in")]
             w, b = lw.params("ffn_in")
+            if not touch and self.fp8 is not None:
+                y = self._shared(plan, i, "ffn_in", x, w, b, xq)
+                if not self._reads_ffn_out_input(plan):
+                    return None, self.fp8.quantize(i, "ffn_out", y, gelu=True)
+                return F.gelu(y, approximate="tanh"), None
             if not touch:
-                return torch._addmm_activation(b, x, w.t(), use_gelu=True)
+                return torch._addmm_activation(b, x, w.t(), use_gelu=True), None
             if len(touch) == 1 and touch[0][0].pet_type in self._hooks["linear_act"]:
-                f = torch.addmm(b, x, w.t())  # the one group's delta + GELU in one row-wise pass
+                f = self._shared(plan, i, "ffn_in", x, w, b, xq)  # the group's delta + GELU in one row-wise pass
                 touch[0][1].linear(touch[0][0], i, "ffn_in", x, f, lw, self, act="gelu_tanh")
-                return f
-        f = self._gemm(plan, i, "ffn_in", lw, x)
+                return f, None
+        f = self._gemm(plan, i, "ffn_in", lw, x, xq)
         if pre:
             self._scale(plan, i, "scale.ffn_pre", f)
-        return self.act(f)
+        return self.act(f), None
+
+    def _reads_ffn_out_input(self, plan) -> bool:
+        """Does any PET group of the plan read or scale FFN-out's input (the FFN activation)?"""
+        return (any(ops.linear_touches(g, "ffn_out") for g, ops in self._at(plan, "linear"))
+                or self._scales(plan, "ffn_act"))
 
     def _layer_norm(self, plan, i, ln_site, pre, w, b):
         out = F.layer_norm(pre, (pre.shape[-1],), w, b, self.base.eps)
@@ -181,10 +221,11 @@ class Encoder:
         heads = self.dims.heads
         layers = self.base.layers
         stop = len(layers) if stop is None else stop
+        xq = None  # x's e4m3 copy for the next QKV GEMM (FP8 base)
         for i in range(start, stop):
             lw = layers[i]
             plan.wait_layer(i)
-            qkv = self._gemm(plan, i, "qkv", lw, x)
+            qkv = self._gemm(plan, i, "qkv", lw, x, xq)
             self._qkv_input(plan, i, x, qkv, lw)
             self._scale(plan, i, "qkv", qkv)
             ctx = packed_attention(qkv, plan, heads, self.options, self.tuned)
@@ -192,13 +233,15 @@ class Encoder:
             o = self._gemm(plan, i, "attn_out", lw, ctx)
             self._scale(plan, i, "scale.attn_out", o)
             self._output(plan, i, "attn", o)
-            x = self._add_layer_norm(plan, i, "attn_ln", x, o, *lw.params("attn_ln"))
-            f = self._ffn_in(plan, i, lw, x)
-            self._scale(plan, i, "ffn_act", f)
-            o2 = self._gemm(plan, i, "ffn_out", lw, f)
+            x, xq = self._add_layer_norm(plan, i, "attn_ln", x, o, *lw.params("attn_ln"), q_for=(i, "ffn_in"))
+            f, fq = self._ffn_in(plan, i, lw, x, xq)
+            if f is not None:
+                self._scale(plan, i, "ffn_act", f)
+            o2 = self._gemm(plan, i, "ffn_out", lw, f, fq)
             self._scale(plan, i, "scale.ffn_out", o2)
             self._output(plan, i, "ffn", o2)
-            x = self._add_layer_norm(plan, i, "ffn_ln", x, o2, *lw.params("ffn_ln"))
+            x, xq = self._add_layer_norm(plan, i, "ffn_ln", x, o2, *lw.params("ffn_ln"),
+                                         q_for=(i + 1, "qkv") if i + 1 < stop else None)
         if stop == len(layers):
             plan.wait_layer(len(layers))  # heads
         return x

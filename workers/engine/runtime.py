@@ -37,6 +37,7 @@ from workers.engine.model_loading import load_base
 from workers.engine.options import EngineOptions
 from workers.engine.plan import build_plan
 from workers.engine.plot.serve import PlotRuntime, plot_skip
+from workers.engine.fp8 import fp8_amax
 from workers.engine.pool import AdapterPool, Loader, PoolConfig, Resident
 
 
@@ -73,6 +74,9 @@ class Engine:
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         base = load_base(model_dir)
         self.encoder = Encoder(base, self.device, self.dtype, options)
+        amax = fp8_amax(model_dir)  # an FP8 base (flockserve base build-fp8): e4m3 shared GEMMs
+        if amax is not None:
+            self.encoder.enable_fp8(amax)
         # A skipping base (plot.safetensors beside the checkpoint): tenants whose delta touches
         # only layers >= K get their layer-K states from the tri-gram table. The lowest layer of
         # each tenant is noted as its delta loads (the pool calls the loader on every cold load).
@@ -141,7 +145,9 @@ class Engine:
     def tuned_choices(self) -> dict:
         """The kernel options and what "auto" chose so far (startup log, /metrics)."""
         fast = self.encoder.fast
+        fp8 = self.encoder.fp8
         return {"fast_path": fast, "lora_into_gemm": self.encoder.lora_into_gemm,
+                "fp8_base": None if fp8 is None else ("cublaslt" if fp8.native else "emulated"),
                 "lora_fused": self.options.lora_fused, "varlen_attn": self.options.varlen_attn,
                 **{f"tuned_{k}": v for k, v in self.encoder.tuned.report().items()}}
 

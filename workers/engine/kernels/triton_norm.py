@@ -2,7 +2,8 @@
 
 * ``add_layer_norm``: LayerNorm(x + residual), several rows per program (one read of each input,
   one write); optional per-row gamma/beta deltas for the rows [t0, t1) of one PET group, gathered
-  by slot inside the kernel (BitFit's LayerNorm deltas keep the fused path for the whole batch).
+  by slot inside the kernel (BitFit's LayerNorm deltas keep the fused path for the whole batch);
+  optionally also the e4m3 copy of the output for the next GEMM of an FP8 base (``fp8.py``).
 * ``rows_affine_``: in place y = act(y * scale[slot(row)] + bias[slot(row)]) on rows [t0, t1),
   optionally act on every row (BitFit bias deltas / IA3 scales without materialising the gathered
   [rows, cols] tensors; BitFit on ffn_in + GELU in one pass).
@@ -23,10 +24,11 @@ def _ln_configs():
     return [triton.Config({"ROWS": r}, num_warps=w) for r, w in ((1, 4), (2, 4), (4, 4), (4, 8), (8, 8), (16, 8))]
 
 
-@triton.autotune(configs=_ln_configs(), key=["N", "HAS_DELTA"])
+@triton.autotune(configs=_ln_configs(), key=["N", "HAS_DELTA", "HAS_Q"])
 @triton.jit(do_not_specialize=["T", "t0", "t1"])
 def _add_ln_kernel(x_ptr, r_ptr, w_ptr, b_ptr, out_ptr, T, N, eps, slot_ptr, dw_ptr, db_ptr, t0, t1,
-                   stride_dw, stride_db, HAS_DELTA: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+                   stride_dw, stride_db, q_ptr, q_inv, HAS_DELTA: tl.constexpr, HAS_Q: tl.constexpr,
+                   ROWS: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * ROWS + tl.arange(0, ROWS)
     rmask = rows < T
@@ -50,17 +52,23 @@ def _add_ln_kernel(x_ptr, r_ptr, w_ptr, b_ptr, out_ptr, T, N, eps, slot_ptr, dw_
         b = b + tl.load(db_ptr + slot[:, None] * stride_db + cols[None, :], mask=dm, other=0.0).to(tl.float32)
     y = y * w + b
     tl.store(out_ptr + off, y.to(out_ptr.dtype.element_ty), mask=m)
+    if HAS_Q:  # the next GEMM's e4m3 input: quantised from the rounded output, as a separate pass would
+        yq = y.to(out_ptr.dtype.element_ty).to(tl.float32) * q_inv
+        yq = tl.minimum(tl.maximum(yq, -448.0), 448.0)
+        tl.store(q_ptr + off, yq.to(q_ptr.dtype.element_ty), mask=m)
 
 
 def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float,
-                   delta=None) -> torch.Tensor:
+                   delta=None, q_inv_scale: float | None = None):
     """LayerNorm(x + residual) over the last dim; x, residual contiguous [T, N].
-    delta: None or (t0, t1, tok_slots [t1-t0], d_gamma [slots, N], d_beta [slots, N]) (last dim contiguous)."""
+    delta: None or (t0, t1, tok_slots [t1-t0], d_gamma [slots, N], d_beta [slots, N]) (last dim contiguous).
+    q_inv_scale: also return the output's e4m3 copy (x / scale, saturated): (out, out_e4m3)."""
     assert x.is_contiguous() and residual.is_contiguous()
     T, N = x.shape
     out = torch.empty_like(x)
+    q = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device) if q_inv_scale is not None else None
     if T == 0:
-        return out
+        return out if q is None else (out, q)
     block = triton.next_power_of_2(N)
     if delta is not None:
         t0, t1, slots, dw, db = delta
@@ -68,15 +76,16 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, w: torch.Tensor, b: 
         extra = (slots, dw, db, t0, t1, dw.stride(0), db.stride(0))
     else:
         extra = (x, x, x, 0, 0, 0, 0)
-    args = (x, residual, w, b, out, T, N, eps) + extra
+    args = (x, residual, w, b, out, T, N, eps) + extra + ((q, q_inv_scale) if q is not None else (x, 1.0))
+    flags = {"HAS_DELTA": delta is not None, "HAS_Q": q is not None, "BLOCK": block}
 
     def grid(meta):
         return (triton.cdiv(T, meta["ROWS"]),)
     if INTERPRET:
-        _add_ln_kernel.fn[grid](*args, HAS_DELTA=delta is not None, BLOCK=block, ROWS=4)
+        _add_ln_kernel.fn[grid](*args, ROWS=4, **flags)
     else:
-        _add_ln_kernel[grid](*args, HAS_DELTA=delta is not None, BLOCK=block)
-    return out
+        _add_ln_kernel[grid](*args, **flags)
+    return out if q is None else (out, q)
 
 
 @triton.jit(do_not_specialize=["T", "t0", "t1"])

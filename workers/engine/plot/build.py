@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -25,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from workers.engine.derived import read_corpus, write_derived_base
 from workers.engine.model_loading import BaseWeights, load_base
 from workers.engine.plot import PLOT_FILE, TABLE_FILE
 from workers.engine.plot import trigrams as tg
@@ -48,26 +48,6 @@ class DistilSpec:
     max_entries: int = 2_000_000  # table rows kept (most frequent tri-grams first)
     table_dtype: str = "float16"
     device: str = "cpu"
-
-
-def read_corpus(files: Sequence[str]) -> list[str]:
-    """Texts of plain-text files (one per non-empty line) or JSONL files (their ``text`` field)."""
-    texts = []
-    for f in files:
-        p = Path(f)
-        if not p.is_file():
-            raise FileNotFoundError(f"{f}: no such corpus file")
-        for line in p.read_text(encoding="utf-8", errors="replace").splitlines():
-            line = line.strip()
-            if not line:
-                continue
-            if p.suffix == ".jsonl":
-                line = str(json.loads(line).get("text", "")).strip()
-            if line:
-                texts.append(line)
-    if not texts:
-        raise ValueError("the corpus has no text")
-    return texts
 
 
 def tokenize(model_dir: str, texts: list[str], max_length: int) -> list[list[int]]:
@@ -229,19 +209,8 @@ def corpus_table(base_dir: str, sw: ShallowWeights, texts: list[str], spec: Dist
 
 def write_base(base_dir: str, out: Path, sw: ShallowWeights, meta: dict,
                table: tuple[torch.Tensor, torch.Tensor] | None) -> None:
-    """The derived base directory: the base's files (checkpoint, tokenizer; config.json gains
-    ``flock_plot``), the shallow part and the table."""
-    out.mkdir(parents=True, exist_ok=True)
-    src = Path(base_dir)
-    for f in src.iterdir():
-        if f.is_file() and f.name != "config.json" and not (out / f.name).exists():
-            try:
-                os.link(f, out / f.name)  # same file system: no copy of the checkpoint
-            except OSError:
-                shutil.copy2(f, out / f.name)
-    cfg = json.loads((src / "config.json").read_text())
-    cfg["flock_plot"] = meta
-    (out / "config.json").write_text(json.dumps(cfg, indent=1))
+    """The derived base directory (config.json gains ``flock_plot``), the shallow part and the table."""
+    write_derived_base(base_dir, out, "flock_plot", meta)
     save_file(sw.tensors(), str(out / PLOT_FILE), metadata={"flock_plot": json.dumps(meta)})
     if table is not None:
         keys, vals = table

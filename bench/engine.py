@@ -284,8 +284,16 @@ class Bench:
 
             fixed = lora_batches(8, lambda: [S] * B)
             if self.mix_only:  # issue 14's rows only (fits one short device call)
-                lora = fwd_rate(f"Flock {self.n_lora} mixed LoRA r8 q,v (fwd)", fixed, "uniform over all tenants",
-                                profile=True)
+                lora = fwd_rate(f"Flock {self.n_lora} mixed LoRA r8 q,v (fwd)", fixed, "uniform over all tenants; "
+                                "FLOCK_LORA_GEMM as set (auto: timed)", profile=True)
+                if enc.fast:  # both sides of the LoRA-in-GEMM-epilogue choice, whatever auto picked
+                    opts = enc.options
+                    for mode, label in (("1", "Triton GEMM, LoRA in its epilogue"), ("0", "cuBLAS + LoRA pass")):
+                        enc.options = dataclasses.replace(opts, lora_gemm=mode)
+                        fwd_rate(f"Flock {self.n_lora} mixed LoRA r8 q,v (fwd, {label})", fixed, f"FLOCK_LORA_GEMM={mode}",
+                                 profile=mode == "1")
+                    enc.options = opts
+                    print("  LoRA GEMM epilogue choice (us per call):", enc.tuned.lora_gemm_us, flush=True)
                 six, four = uniform_rows()
                 fp8 = self.fp8_rows(cfg, fwd_rate, fixed)
                 return base, lora, six, four, fp8
@@ -391,10 +399,13 @@ def profile_table(step, name):
     ka = prof.key_averages()
     for key in ("self_device_time_total", "self_cuda_time_total"):
         try:
-            print(ka.table(sort_by=key, row_limit=14, max_name_column_width=60))
-            return
+            table = ka.table(sort_by=key, row_limit=14, max_name_column_width=60)
         except Exception:
             continue
+        print(table)
+        with open(os.path.join(os.environ.get("OUT", "./bench_out"), "profiles.txt"), "a") as f:
+            f.write(f"--- profile: {name} (2 batches) ---\n{table}\n")
+        return
 
 
 def lora_choice(b):

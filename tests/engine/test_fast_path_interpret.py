@@ -23,13 +23,20 @@ from schema.layout import BaseDims
 from workers.engine.pool import PoolConfig
 from workers.engine.runtime import Engine
 from workers.engine.synthetic import random_delta, random_packed, save_random_bert
-out, path = sys.argv[1], sys.argv[2]
+out, path, mode = sys.argv[1], sys.argv[2], sys.argv[3]
 h, L, heads, m = 32, 2, 2, 64
 save_random_bert(path, hidden=h, layers=L, heads=heads, intermediate=m, vocab=300, max_pos=80, std=0.05)
 dims = BaseDims(h, m, L, heads)
-kinds = ["lora", "bitfit", "ia3", "adapter", "diff", "maskbert"]  # diff / MaskBERT: batched sparse kernels
-deltas = {f"t{i}": random_delta(f"t{i}", kinds[i % len(kinds)], dims, seed=i, n_labels=2 + i % 3, r=[4, 8][i % 2],
-                                sites=["q", "v", "ffn_out"] if i % 2 else None, bottleneck=16, scale=0.1,
+import workers.engine.kernels.triton_lora_gemm as lg
+calls, inner = [], lg.lora_gemm
+lg.lora_gemm = lambda *a, **k: calls.append(1) or inner(*a, **k)
+# "all": every PET type (diff / MaskBERT: batched sparse kernels); "lora": one LoRA group (r8 q,v),
+# whose delta goes into the epilogue of the Triton GEMM
+kinds = ["lora", "bitfit", "ia3", "adapter", "diff", "maskbert"] if mode == "all" else ["lora"]
+one = mode == "lora"
+deltas = {f"t{i}": random_delta(f"t{i}", kinds[i % len(kinds)], dims, seed=i, n_labels=2 + i % 3,
+                                r=8 if one else [4, 8][i % 2],
+                                sites=["q", "v", "ffn_out"] if i % 2 and not one else None, bottleneck=16, scale=0.1,
                                 pooling=["cls", "mean"][i % 2], task="token_cls" if i % 5 == 0 else "seq_cls")
           for i in range(12)}
 rng = np.random.default_rng(0)
@@ -38,27 +45,30 @@ eng = Engine(path, lambda t: deltas[t], device="cpu", dtype=torch.float32, pool_
 fast = eng.encoder.fast
 outs = eng.run(batch, timeout=600)
 eng.close()
-pickle.dump((fast, [(o.error, o.logits, o.token_scores) for o in outs]), open(out, "wb"))
+pickle.dump((fast, [(o.error, o.logits, o.token_scores) for o in outs], len(calls)), open(out, "wb"))
 '''
 
 
-def _run(tmp_path, name, interpret):
+def _run(tmp_path, name, interpret, mode="all"):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     env.pop("TRITON_INTERPRET", None)
     if interpret:
         env["TRITON_INTERPRET"] = "1"
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     out = tmp_path / f"{name}.pkl"
-    subprocess.run([sys.executable, "-c", CHILD, str(out), str(tmp_path / name)], check=True, cwd=root, env=env,
+    subprocess.run([sys.executable, "-c", CHILD, str(out), str(tmp_path / name), mode], check=True, cwd=root, env=env,
                    timeout=600)
     with open(out, "rb") as f:
         return pickle.load(f)
 
 
-def test_fast_path_matches_torch_path(tmp_path):
-    fast_on, fast = _run(tmp_path, "fast", True)
-    fast_off, ref = _run(tmp_path, "ref", False)
+@pytest.mark.parametrize("mode", ["all", "lora"])
+def test_fast_path_matches_torch_path(tmp_path, mode):
+    fast_on, fast, epilogue_calls = _run(tmp_path, "fast", True, mode)
+    fast_off, ref, _ = _run(tmp_path, "ref", False, mode)
     assert fast_on and not fast_off
+    if mode == "lora":  # q|v output of each layer from the Triton GEMM with the LoRA epilogue
+        assert epilogue_calls == 2
     for (ea, la, ta), (eb, lb, tb) in zip(fast, ref):
         assert ea is None and eb is None
         if la is not None:

@@ -71,6 +71,12 @@ class Encoder:
         w, b = lw.params(group)
         init = self._init_groups(plan, group) if self.lora_into_gemm else []
         if not init:
+            epi = self._epilogue_group(plan, i, group, lw, x)
+            if epi is not None:  # the shared GEMM in Triton, that group's delta in its epilogue
+                g, ops = epi
+                y = ops.linear_gemm(g, i, group, x, w, b)
+                self._linear(plan, i, group, lw, x, y, skip={id(g)})
+                return y
             y = self._shared(plan, i, group, x, w, b, xq)
             self._linear(plan, i, group, lw, x, y)
             return y
@@ -87,6 +93,36 @@ class Encoder:
         y.addmm_(x, w.t())
         self._linear(plan, i, group, lw, x, y, skip={id(g) for g, _ in init})
         return y
+
+    def _epilogue_group(self, plan, i, group, lw, x):
+        """(group, ops) whose delta goes into the epilogue of a Triton GEMM for this site group, or
+        None: one such group, no FP8, no row-replacing group, and (option "auto") measured faster
+        than cuBLAS + that group's own pass on the first batch of this shape."""
+        mode = self.options.lora_gemm
+        if mode == "0" or not self.fast or self.fp8 is not None or x is None or torch.is_grad_enabled():
+            return None
+        cand = [(g, ops) for g, ops in self._at(plan, "linear_gemm") if ops.gemm_ok(g, group, x)]
+        if len(cand) != 1 or self._at(plan, "linear_replace"):
+            return None
+        if mode == "1" or interpret():
+            return cand[0]
+        g, ops = cand[0]
+        key = (group, tuple(x.shape[1:]), g.seg.n_tiles.bit_length(), x.shape[0].bit_length(), x.dtype)
+        wins = self.tuned.lora_gemm.get(key)
+        if wins is None:
+            from workers.engine.kernels import time_us
+            w, b = lw.params(group)
+
+            def separate():
+                y = torch.addmm(b, x, w.t())
+                ops.linear(g, i, group, x, y, lw, self)
+            try:
+                t = {"epilogue": time_us(lambda: ops.linear_gemm(g, i, group, x, w, b)), "cublas+pass": time_us(separate)}
+            except Exception as exc:  # a kernel that does not build here is simply not chosen
+                t = {"epilogue": float("inf"), "cublas+pass": 0.0, "error": repr(exc)[:200]}
+            self.tuned.lora_gemm_us[str(key)] = t
+            wins = self.tuned.lora_gemm[key] = t["epilogue"] < t["cublas+pass"]
+        return cand[0] if wins else None
 
     def _shared(self, plan, i, group, x, w, b, xq=None) -> torch.Tensor:
         """x w^T + b on the rows no "linear_replace" group rewrites (their rows are left unset)."""

@@ -125,7 +125,9 @@ class PetGroup:
     bank: Any  # SlotBank or None (diff / maskbert / none)
     seg: Segments
     tenants: list = field(default_factory=list)  # [(resident, t0, t1)] absolute token ranges
-    kernel_map: Any = None  # bank-less groups: tiles + tenant pointer table, built by pets/sparse.py on first use
+    # built on first use by the group's PET module: bank-less groups' tiles + tenant pointer table
+    # (pets/sparse.py); LoRA's tiles over the whole batch for the GEMM with the delta in its epilogue
+    kernel_map: Any = None
 
 
 @dataclass

@@ -344,7 +344,7 @@ _fused_best: dict = {}  # tuning key -> config
 fused_timings: dict = {}  # tuning key (str) -> {config: us}, filled by the one-time tuning (bench reads it)
 
 
-def _cols_tensor(cols, device):
+def cols_tensor(cols, device):
     key = (tuple(cols), device)
     t = _cols_cache.get(key)
     if t is None:
@@ -369,7 +369,7 @@ def sgmv_lora_fused(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, tiles: to
         return
     K = x.shape[1]
     R, members, N, RB = A.shape[1], B.shape[1], B.shape[2], B.shape[3]
-    cols_t = _cols_tensor(cols, y.device)
+    cols_t = cols_tensor(cols, y.device)
     br = _pow2(R, 16, FUSED_MAX_R)
     bk = 128 if K >= 128 else _pow2(K, 16, 128)
     aligned = all(c % 16 == 0 for c in cols) and y.stride(0) % 16 == 0

@@ -83,6 +83,29 @@ def linear(group, layer: int, site_group: str, x: torch.Tensor, y: torch.Tensor,
     segmented.expand_add(xa, B, seg, ys, cols)
 
 
+def gemm_ok(group, site_group: str, x: torch.Tensor) -> bool:
+    """Can the GEMM with this group's delta in its epilogue produce the site group's output?"""
+    A = group.bank.get(f"A.{site_group}")
+    if A is None or not segmented.use_triton(x, group.seg) or group.seg.n_tiles == 0:
+        return False
+    B = group.bank.get(f"B.{site_group}")
+    return A.shape[-2] == B.shape[-3] * B.shape[-1]  # [slots, layers, R, K] vs [slots, layers, members, N, r]
+
+
+def linear_gemm(group, layer: int, site_group: str, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """y = x wᵀ + b for every row, the group's LoRA delta added in the GEMM's epilogue."""
+    from workers.engine.kernels.triton_lora import cols_tensor, sgmv_shrink
+    from workers.engine.kernels.triton_lora_gemm import gemm_tiles, lora_gemm
+    from workers.engine.plan import TILE_M
+    bank, seg = group.bank, group.seg
+    T = x.shape[0]
+    if group.kernel_map is None or group.kernel_map[0] != T:  # once per plan (every layer reuses it)
+        group.kernel_map = (T, gemm_tiles(seg.tiles, seg.n_tiles, seg.t0, seg.t1, T, TILE_M))
+    cols = cols_tensor(bank.extra["cols"][site_group], x.device)
+    xa = sgmv_shrink(x[seg.t0:seg.t1], bank.get(f"A.{site_group}")[:, layer], seg.tiles, seg.n_tiles)
+    return lora_gemm(x, w, b, xa, bank.get(f"B.{site_group}")[:, layer], group.kernel_map[1], seg.t0, cols, TILE_M)
+
+
 def _use_fused(enc, x, A, B, seg, y, cols) -> bool:
     mode = enc.options.lora_fused
     if mode == "0" or not segmented.use_triton(x, seg) or seg.n_tiles == 0:

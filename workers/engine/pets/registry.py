@@ -29,6 +29,9 @@ HOOKS = {
     # linear_init(g, i, site_group, x, y, bias) writes bias + delta before the base GEMM
     # accumulates into y (FLOCK_LORA_INTO_GEMM); can_init(groups, site_group) says if it can
     "linear_init": ("can_init", "linear_init"),
+    # gemm_ok(g, site_group, x) / linear_gemm(g, i, site_group, x, w, b) -> y: the whole site
+    # group output x W^T + b with this group's delta added in the GEMM's epilogue (FLOCK_LORA_GEMM)
+    "linear_gemm": ("gemm_ok", "linear_gemm"),
     # linear(..., act="gelu_tanh"): the delta and the FFN activation in one row-wise pass
     "linear_act": ("linear",),
     # its linear() writes the group's rows of every site group's output entirely (x W'^T + b):
@@ -76,7 +79,7 @@ class PetType:
 
 # Registry order is the plan's group order (LoRA rows first, ... MaskBERT last).
 PETS: dict[str, PetType] = {p.name: p for p in (
-    PetType("lora", ("linear", "linear_init"), banked=True, cost_weight=1.05),
+    PetType("lora", ("linear", "linear_init", "linear_gemm"), banked=True, cost_weight=1.05),
     PetType("adapter", ("output",), banked=True, cost_weight=1.10),
     PetType("bitfit", ("linear", "linear_act", "layer_norm"), banked=True, cost_weight=1.0),
     PetType("ia3", ("scale", "qkv_input"), banked=True, cost_weight=1.0),

@@ -282,18 +282,32 @@ def new_kernel_checks(device, results):
 
 def sparse_checks(device, results, out_dir, small=False):
     """Batched diff-pruning / MaskBERT kernels (issue 14) on BERT-base shapes, bf16, vs a dense fp32
-    reference built from the raw deltas; then µs per call at a uniform six-type mix's share of a
-    512 x 128 batch (~85 tenants x 128 tokens) for a config sweep, next to cuBLAS on the same rows."""
+    reference built from the raw deltas; then every config of a sweep against the default config's
+    output and (GPU) its µs per call at a uniform six-type mix's share of a 512 x 128 batch (~85
+    tenants x 128 tokens), next to cuBLAS on the same rows. --small on the CPU: the same under
+    TRITON_INTERPRET=1 with tiny shapes and the interpreter's configs, no timings."""
     import types
     from workers.engine.kernels import triton_sparse as ts
     from workers.engine.pets import diff, maskbert
     from workers.engine.pets import sparse as sparse_pets
     from workers.engine.pets.common import GROUPS, SITE_GROUP, checked_tensors, group_in, group_out, site_col
-    from workers.engine.plan import PetGroup
+    from workers.engine.plan import TILE_M, PetGroup
     dims = BaseDims(32, 64, 4, 2) if small else BaseDims(768, 3072, 12, 12)
     rng = np.random.default_rng(5)
     n_ten, seq = (6, 40) if small else (85, 128)
     dt = torch.float32 if small else torch.bfloat16  # the interpreter's dot is not bf16-exact (CPU smoke)
+    if small:
+        sweeps = {"diff": [{"CH": 16, "num_warps": 1}],
+                  "maskbert": [ts.MASK_INTERPRET_CONFIG, {**ts.MASK_INTERPRET_CONFIG, "BM": 64, "BLOCK_K": 64}]}
+    else:
+        sweeps = {"diff": [{"CH": ch, "num_warps": nw} for ch in (16, 32, 64) for nw in (2, 4)],
+                  "maskbert": [{"BM": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": nw, "num_stages": ns}
+                               for bm, bn, bk, nw, ns in (
+                                   (128, 128, 32, 8, 4), (128, 128, 32, 8, 3), (128, 128, 64, 8, 3),
+                                   (128, 128, 128, 8, 2), (128, 64, 64, 4, 3), (128, 64, 32, 4, 4),
+                                   (128, 256, 32, 8, 3), (64, 128, 64, 8, 3), (64, 128, 32, 8, 4),
+                                   (64, 64, 64, 4, 3), (64, 256, 64, 8, 3))]}
+        assert ts.MASK_CONFIG in sweeps["maskbert"] and ts.DIFF_CONFIG in sweeps["diff"]
     timings = {}
     for pet, mod in (("diff", diff), ("maskbert", maskbert)):
         payloads = [random_delta(f"{pet}{k}", pet, dims, seed=k, density=0.01) for k in range(4)]
@@ -309,12 +323,14 @@ def sparse_checks(device, results, out_dir, small=False):
                          [(r, int(a), int(c)) for r, a, c in zip(residents, spans[:-1], spans[1:])])
         for g in GROUPS:
             N, K = group_out(g, dims), group_in(g, dims)
+            hdr = 3 * len(GROUPS) + GROUPS.index(g)
             w = (torch.randn(N, K, device=device) * 0.03).to(dt)
             b = (torch.randn(N, device=device) * 0.1).to(dt)
             lw = types.SimpleNamespace(params=lambda site, w=w, b=b: (w, b))
             x = torch.randn(T, K, device=device, dtype=dt)
             base = torch.addmm(b.float(), x.float(), w.float().t())
-            y = base.to(dt) if pet == "diff" else torch.zeros(T, N, device=device, dtype=dt)
+            y_in = base.to(dt) if pet == "diff" else torch.zeros(T, N, device=device, dtype=dt)
+            y = y_in.clone()
             mod.linear(group, 3, g, x, y, lw, None)
             err = 0.0
             for k in range(0, n_ten, 9):  # reference for every 9th tenant (dense fp32 on the device)
@@ -335,27 +351,30 @@ def sparse_checks(device, results, out_dir, small=False):
                 err = max(err, rel(y[a:c], want))
             results.append({"check": f"batched {pet} {g} ({n_ten} tenants, {T} rows) {str(dt)[6:]} vs dense fp32",
                             "rel_err": err})
-            if small:  # CPU smoke under TRITON_INTERPRET: no timings
-                continue
-            # timing: config sweep on this (pet, site group), cuBLAS on the same rows for scale
-            tiles, n_tiles, table = sparse_pets.launch_map(group, mod.TENSORS)
-            row = {"rows": T, "cublas_same_rows_us": time_us(lambda: torch.addmm(b, x, w.t()))}
-            cfgs = ([{"CH": ch, "num_warps": nw} for ch in (16, 32, 64) for nw in (2, 4)] if pet == "diff" else
-                    [{"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": nw, "num_stages": 3}
-                     for bn in (64, 128) for bk in (32, 64) for nw in (4, 8)])
-            for cfg in cfgs:
-                scratch = y.clone()
+            # the sweep: every config's output vs the default's, then (GPU) its time; cuBLAS on the same rows for scale
+            row = {"rows": T} if small else {"rows": T, "cublas_same_rows_us": time_us(lambda: torch.addmm(b, x, w.t()))}
+            worst = 0.0
+            for cfg in sweeps[pet]:
+                tiles, n_tiles, table = sparse_pets.launch_map(group, mod.TENSORS, cfg.get("BM", TILE_M))
+                scratch = y_in.clone()
                 if pet == "diff":
-                    fn = lambda: ts.diff_add(x, scratch, table, tiles, n_tiles, 3 * 4 + GROUPS.index(g),  # noqa: E731
-                                             diff.BLOCK_N, cfg)
+                    fn = lambda: ts.diff_add(x, scratch, table, tiles, n_tiles, hdr, diff.BLOCK_N, cfg)  # noqa: E731
                 else:
-                    fn = lambda: ts.masked_linear(x, w, b, scratch, table, tiles, n_tiles,  # noqa: E731
-                                                  3 * 4 + GROUPS.index(g), True, cfg)
+                    fn = lambda: ts.masked_linear(x, w, b, scratch, table, tiles, n_tiles, cfg["BM"], hdr, True,  # noqa: E731
+                                                  cfg)
+                key = json.dumps(cfg, sort_keys=True)
                 try:
-                    row[json.dumps(cfg, sort_keys=True)] = time_us(fn)
+                    fn()  # once on y_in: diff adds, so the timing runs below do not count
+                    worst = max(worst, rel(scratch - y_in, y - y_in))
+                    if not small:
+                        row[key] = time_us(fn)
                 except Exception as exc:  # a config that does not build here is reported, not fatal
-                    row[json.dumps(cfg, sort_keys=True)] = repr(exc)[:120]
+                    row[key] = repr(exc)[:120]
+            results.append({"check": f"batched {pet} {g}: {len(sweeps[pet])} sweep configs vs the default config",
+                            "rel_err": worst})
             timings[f"{pet} {g}"] = row
+            if small:
+                continue
             best = min(((v, k) for k, v in row.items() if k.startswith("{") and isinstance(v, float)), default=None)
             print(f"  {pet:8s} {g:8s} rows {T}: cuBLAS same rows {row['cublas_same_rows_us']:.1f} us; "
                   f"default {row.get(json.dumps(ts.DIFF_CONFIG if pet == 'diff' else ts.MASK_CONFIG, sort_keys=True))}; "

@@ -21,7 +21,9 @@ from workers.engine.pets.common import GROUPS, checked_tensors, group_in, group_
 from workers.engine.plan import PetGroup, Segments
 from tests.engine.conftest import random_delta
 
-dims = BaseDims(32, 64, 2, 2)  # hidden, intermediate, layers, heads: q|k|v = 96 columns, ffn_in 64
+from workers.engine.kernels.triton_sparse import MASK_INTERPRET_CONFIG, masked_linear
+from workers.engine.pets import sparse
+
 rng = np.random.default_rng(3)
 worst = {}
 
@@ -46,8 +48,18 @@ def dense_ref(pet, delta, i, g, x, w, b):
             w[c:c + o] *= torch.from_numpy(m.reshape(o, n)).float()
     return x @ w.t() + b
 
-for pet, mod in (("diff", diff), ("maskbert", maskbert)):
+# hidden, intermediate, layers, heads. (32, 64): q|k|v 96 columns; (36, 72): K and N multiples of
+# neither the kernels' blocks nor 8 (mask rows not byte aligned); (128, 256): mask rows exactly 16
+# bytes (the payload's bytes copied as they are), K a multiple of the block
+for dims in (BaseDims(32, 64, 2, 2), BaseDims(36, 72, 2, 2), BaseDims(128, 256, 1, 2)):
+  for pet, mod in (("diff", diff), ("maskbert", maskbert)):
     deltas = [random_delta(f"t{k}", pet, dims, rng) for k in range(7)]
+    d0 = deltas[0]  # one tenant touches only q: no mask / delta at the other site groups
+    d0.config["sites"] = ["q"]
+    d0.config.pop("layers", None)
+    d0.tensors.update({n: v for n, v in random_delta("q", pet, dims, rng).tensors.items() if ".q." in n})
+    for n in [n for n in d0.tensors if n.startswith("layers.") and ".q." not in n]:
+        del d0.tensors[n]
     residents = [types.SimpleNamespace(sparse=mod.tenant_tensors(d, checked_tensors(d, dims), dims)) for d in deltas]
     lens = [1, 64, 65, 130, 7, 63, 40]  # tiles: exact, split, several per tenant, tiny
     t0 = 5  # the group does not start at row 0
@@ -72,10 +84,19 @@ for pet, mod in (("diff", diff), ("maskbert", maskbert)):
                 if pet == "diff":  # adds to the shared GEMM's output
                     y[t0:spans[-1][1]] = x[t0:spans[-1][1]] @ w.t() + b
                 mod.linear(group, i, g, x, y, lw, None)
-                err = float((y - ref).abs().max() / ref.abs().max())
-                worst[(pet, path)] = max(worst.get((pet, path), 0.0), err)
-                assert err < 1e-5, (pet, path, g, i, err)
-                assert (y[:t0] == 7).all() and (y[spans[-1][1]:] == 7).all(), "rows outside the group touched"
+                outs = [(path, y)]
+                if pet == "maskbert" and path == "1":  # another config: BM 64 over 48-row tiles, BLOCK_K 64
+                    tiles, n_tiles, table = sparse.launch_map(group, mod.TENSORS, 48)
+                    y2 = torch.full((T, N), 7.0)
+                    masked_linear(x[t0:spans[-1][1]], w, b, y2[t0:spans[-1][1]], table, tiles, n_tiles, 48,
+                                  i * len(GROUPS) + GROUPS.index(g), True,
+                                  {**MASK_INTERPRET_CONFIG, "BM": 64, "BLOCK_K": 64})
+                    outs.append(("1, BM 64", y2))
+                for name, out in outs:
+                    err = float((out - ref).abs().max() / ref.abs().max())
+                    worst[(pet, name)] = max(worst.get((pet, name), 0.0), err)
+                    assert err < 1e-5, (pet, name, dims, g, i, err)
+                    assert (out[:t0] == 7).all() and (out[spans[-1][1]:] == 7).all(), "rows outside the group touched"
 print("worst", worst)
 '''
 

@@ -15,9 +15,16 @@ read by the kernel for the program's layer and site group).
   tensor-core dot against a [CH, BN] one-hot matrix holding the values (exact: each product is
   x·v accumulated in fp32).
 * ``masked_linear``: y[rows] = x[rows] (W ⊙ M_t)ᵀ + b, the base weight tile masked in registers
-  with the tenant's bits (little bit order over the row-major [N, K] weight of the site group).
-  Recompute rather than subtract the masked-out part: one GEMM over the group's rows, no
-  cancellation, and the shared GEMM skips these rows (encoder "linear_replace" hook).
+  with the tenant's bits (little bit order, each row of the site group's [N, K] weight padded to
+  whole 16-byte units: pets/maskbert.row_bytes). Recompute rather than subtract the masked-out
+  part: one GEMM over the group's rows, no cancellation, and the shared GEMM skips these rows
+  (encoder "linear_replace" hook). Per K step a program reads its [BLOCK_N, BLOCK_K] W tile, its
+  [BM, BLOCK_K] x tile and the mask as [BLOCK_N, BLOCK_K / 32] int32 words (all three cp.async,
+  pipelined): one 4-byte load per 32 weights, where a byte load per weight was 8x redundant,
+  unvectorised and not pipelined (2.4 ms per call on the H200 at 1/6 of a 512 x 128 batch). The
+  words expand with a broadcast [BLOCK_N, BLOCK_K / 32, 32] bit test reshaped onto the W tile. One
+  program per tile of at most BM rows (its own tile map): at BM = 128 the W tile and the mask
+  expansion serve twice the rows of the 64-row tiles.
 """
 
 from __future__ import annotations
@@ -31,7 +38,12 @@ from workers.engine.plan import TILE_M
 
 # Launch configs, measured on the H200 by bench/gpu_check.py (sparse rows); the interpreter uses small ones.
 DIFF_CONFIG = {"CH": 32, "num_warps": 4}
-MASK_CONFIG = {"BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}
+# MaskBERT, until gpu_check's sweep has measured it: picked from the compiled sm_90 code (Triton 3.9,
+# offline): 161 instructions per thread per K step for a 128 x 128 x 32 step (was ~610 for a 64 x 128 x 64
+# one), 121 registers and 67 KB of shared memory, so two programs share an SM and one's mask expansion
+# overlaps the other's MMAs (a 128 x 128 x 64 step needs 159 registers: one program per SM).
+MASK_CONFIG = {"BM": 128, "BLOCK_N": 128, "BLOCK_K": 32, "num_warps": 8, "num_stages": 4}
+MASK_INTERPRET_CONFIG = {"BM": 32, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 1}
 
 
 @triton.jit(do_not_specialize=["n_tiles", "hdr"])
@@ -95,52 +107,65 @@ def diff_add(x: torch.Tensor, y: torch.Tensor, table: torch.Tensor, tiles: torch
 
 @triton.jit(do_not_specialize=["n_tiles", "hdr", "replace"])
 def _masked_kernel(x_ptr, w_ptr, b_ptr, y_ptr, tab_ptr, tiles_ptr, n_tiles, hdr, replace,
-                   stride_xm, stride_wn, stride_ym, N, K, IEEE: tl.constexpr,
+                   stride_xm, stride_wn, stride_ym, N, K, RW, IEEE: tl.constexpr,
                    BM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
     nb = tl.program_id(1)
     start = tl.load(tiles_ptr + pid)
-    end = tl.load(tiles_ptr + n_tiles + pid)
+    n_rows = (tl.load(tiles_ptr + n_tiles + pid) - start).to(tl.int32)  # <= BM
     k = tl.load(tiles_ptr + 2 * n_tiles + pid)
     meta = tl.load(tab_ptr + 2 * k).to(tl.pointer_type(tl.int64))
-    bits = tl.load(tab_ptr + 2 * k + 1).to(tl.pointer_type(tl.uint8))
-    off = tl.load(meta + hdr)  # byte offset of this (layer, site group)'s mask, -1: none (W as is)
+    words = tl.load(tab_ptr + 2 * k + 1).to(tl.pointer_type(tl.int32))  # the uint8 bits, 4 at a time
+    off = tl.load(meta + hdr)  # byte offset of this (layer, site group)'s mask (a multiple of 16), -1: none
     if (off >= 0) | (replace != 0):
-        rows = start + tl.arange(0, BM)
-        rmask = rows < end
+        rows = tl.arange(0, BM)  # tile-local: 32-bit offsets from the tile's first row
+        rmask = rows < n_rows
+        xb = x_ptr + start * stride_xm
         nn = nb * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = nn < N
-        mb = bits + tl.maximum(off, 0)
-        bmask = nmask & ((nn * 0 + off) >= 0)  # rows whose mask bytes exist (none: all ones)
+        wrow = nmask & ((nn * 0 + off) >= 0)  # rows whose mask words exist (none: all ones); a tensor: interpreter
+        mw = words + tl.maximum(off, 0) // 4 + nn * RW  # each row's first word
+        jj = tl.arange(0, BLOCK_K // 32)
+        bit = (1 << tl.arange(0, 32))[None, None, :]  # little bit order within a word
         acc = tl.zeros((BM, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):  # branch-free body: an unmasked tenant reads all-ones bytes
+        for k0 in range(0, K, BLOCK_K):  # branch-free body: an unmasked tenant reads all-ones words
             kk = k0 + tl.arange(0, BLOCK_K)
             kmask = kk < K
-            xt = tl.load(x_ptr + rows[:, None] * stride_xm + kk[None, :], mask=rmask[:, None] & kmask[None, :],
-                         other=0.0)
-            wm = nmask[:, None] & kmask[None, :]
-            w = tl.load(w_ptr + nn[:, None] * stride_wn + kk[None, :], mask=wm, other=0.0)
-            bit = nn[:, None] * K + kk[None, :]
-            byte = tl.load(mb + (bit >> 3), mask=bmask[:, None] & kmask[None, :], other=255)
-            w = tl.where(((byte >> (bit & 7).to(tl.uint8)) & 1) != 0, w, tl.zeros_like(w))
+            xt = tl.load(xb + rows[:, None] * stride_xm + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+            w = tl.load(w_ptr + nn[:, None] * stride_wn + kk[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
+            # rows are padded to whole 128-bit units, so k0 / 32 + jj never leaves the row (BLOCK_K <= 128)
+            mword = tl.load(mw[:, None] + (k0 // 32 + jj)[None, :], mask=wrow[:, None], other=-1)
+            keep = tl.reshape((mword[:, :, None] & bit) != 0, (BLOCK_N, BLOCK_K))
+            w = tl.where(keep, w, tl.zeros_like(w))
             if IEEE:
                 acc += tl.dot(xt, tl.trans(w), input_precision="ieee")
             else:
                 acc += tl.dot(xt, tl.trans(w))
         acc += tl.load(b_ptr + nn, mask=nmask, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + rows[:, None] * stride_ym + nn[None, :], acc.to(y_ptr.dtype.element_ty),
+        tl.store(y_ptr + start * stride_ym + rows[:, None] * stride_ym + nn[None, :], acc.to(y_ptr.dtype.element_ty),
                  mask=rmask[:, None] & nmask[None, :])
 
 
+def mask_config(cfg: dict | None = None) -> dict:
+    """The MaskBERT launch config in use: ``cfg`` (sweeps) or the default for this backend."""
+    return cfg or (MASK_INTERPRET_CONFIG if interpret() else MASK_CONFIG)
+
+
 def masked_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, y: torch.Tensor, table: torch.Tensor,
-                  tiles: torch.Tensor, n_tiles: int, hdr: int, replace: bool, cfg: dict | None = None) -> None:
+                  tiles: torch.Tensor, n_tiles: int, tile_m: int, hdr: int, replace: bool,
+                  cfg: dict | None = None) -> None:
     """y[tile rows] = x (W ⊙ M_t)ᵀ + b for each tile's tenant; a tenant without a mask at ``hdr``
-    gets x Wᵀ + b when ``replace`` (the shared GEMM skipped its rows), else its rows stay."""
+    gets x Wᵀ + b when ``replace`` (the shared GEMM skipped its rows), else its rows stay. The
+    tiles hold at most ``tile_m`` rows (``sparse.launch_map(group, names, mask_config(cfg)["BM"])``);
+    one program covers a tile (tile_m <= BM)."""
+    from workers.engine.pets.maskbert import row_bytes
     assert x.stride(-1) == 1 and w.stride(-1) == 1 and y.stride(-1) == 1
     if n_tiles == 0:
         return
     N, K = w.shape
-    cfg = cfg or ({"BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 1} if interpret() else MASK_CONFIG)
+    cfg = mask_config(cfg)
+    assert tile_m <= cfg["BM"], (tile_m, cfg)
+    assert 32 <= cfg["BLOCK_K"] <= 128 and cfg["BLOCK_K"] % 32 == 0, cfg  # the row padding's guarantee
     grid = (n_tiles, triton.cdiv(N, cfg["BLOCK_N"]))
     _masked_kernel[grid](x, w, b, y, table, tiles, n_tiles, hdr, int(replace), x.stride(0), w.stride(0),
-                         y.stride(0), N, K, IEEE=x.dtype == torch.float32, BM=TILE_M, **cfg)
+                         y.stride(0), N, K, row_bytes(K) // 4, IEEE=x.dtype == torch.float32, **cfg)

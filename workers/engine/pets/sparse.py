@@ -3,8 +3,9 @@
 Their tenants keep their own device tensors (no slot bank), so a batched kernel reaches them
 through a per-batch pointer table: row k = the data pointers of tenant k's tensors (its index in
 ``group.tenants``), next to a tile map of the group's rows (at most TILE_M tokens of one tenant
-per tile, local offsets). Built once per batch and group on first use (layer 0), shipped in one
-host-to-device copy and kept on the group; every later layer and site group reuses it.
+per tile, local offsets; a kernel may ask for another tile size). Built once per batch, group and
+tile size on first use (layer 0), shipped in one host-to-device copy and kept on the group; every
+later layer and site group reuses it.
 """
 
 from __future__ import annotations
@@ -47,32 +48,39 @@ def kernel_wins(enc, pet: str, site_group: str, x: torch.Tensor, n_tenants: int,
     return choice
 
 
-def tiles_of(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
+def tiles_of(starts: np.ndarray, lens: np.ndarray, tile_m: int = TILE_M) -> np.ndarray:
     """[3, n_tiles] (start, end, k): tenant k's rows [starts[k], starts[k] + lens[k]) cut into
-    TILE_M-row tiles (vectorised)."""
-    n_t = -(-lens // TILE_M)
+    tile_m-row tiles (vectorised)."""
+    n_t = -(-lens // tile_m)
     k = np.repeat(np.arange(lens.size, dtype=np.int64), n_t)
     within = np.arange(int(n_t.sum()), dtype=np.int64) - np.repeat(np.cumsum(n_t) - n_t, n_t)
-    s = starts[k] + within * TILE_M
-    return np.stack([s, np.minimum(s + TILE_M, starts[k] + lens[k]), k])
+    s = starts[k] + within * tile_m
+    return np.stack([s, np.minimum(s + tile_m, starts[k] + lens[k]), k])
 
 
-def launch_map(group, names: tuple[str, ...]) -> tuple[torch.Tensor, int, torch.Tensor]:
-    """(tiles [3, n_tiles], n_tiles, table [tenants, len(names)] int64 data pointers; 0 = absent)."""
-    if group.kernel_map is None:
+def launch_map(group, names: tuple[str, ...], tile_m: int = TILE_M) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """(tiles [3, n_tiles] of at most tile_m rows, n_tiles, table [tenants, len(names)] int64 data
+    pointers; 0 = absent). One tile map per tile size asked for (MaskBERT's kernel may take
+    larger tiles than diff's: W's tile is then read once per 128 rows, not per 64)."""
+    maps = group.kernel_map
+    if maps is None or tile_m not in maps:
         t0 = group.seg.t0
         ten = group.tenants
         starts = np.fromiter((a - t0 for _, a, _ in ten), dtype=np.int64, count=len(ten))
         lens = np.fromiter((b - a for _, a, b in ten), dtype=np.int64, count=len(ten))
-        tiles = tiles_of(starts, lens)
-        table = np.array([[r.sparse[n].data_ptr() if n in r.sparse else 0 for n in names] for r, _, _ in ten],
-                         dtype=np.int64).reshape(len(ten), len(names))
+        tiles = tiles_of(starts, lens, tile_m)
+        parts = [tiles.reshape(-1)]
+        if maps is None:
+            parts.append(np.array([[r.sparse[n].data_ptr() if n in r.sparse else 0 for n in names]
+                                   for r, _, _ in ten], dtype=np.int64).reshape(-1))
         dev = ten[0][0].sparse[names[0]].device
-        host = torch.from_numpy(np.concatenate([tiles.reshape(-1), table.reshape(-1)]))
+        host = torch.from_numpy(np.concatenate(parts))
         if dev.type == "cuda":
             host = host.pin_memory()
-        flat = host.to(dev, non_blocking=True)
+        flat = host.to(dev, non_blocking=True)  # the pinned host copy is kept with it (async copy)
         n = tiles.shape[1]
-        group.kernel_map = (flat[:3 * n].view(3, n), n, flat[3 * n:].view(len(ten), len(names)), host)
-    tiles, n, table, _ = group.kernel_map
-    return tiles, n, table
+        if maps is None:
+            maps = group.kernel_map = {"table": flat[3 * n:].view(len(ten), len(names))}
+        maps[tile_m] = (flat[:3 * n].view(3, n), n, host)
+    tiles, n, _ = maps[tile_m]
+    return tiles, n, maps["table"]

@@ -152,3 +152,43 @@ def test_fp8_mixed_batch_equals_each_tenant_alone(fp8_base):
             assert rel_err(torch.tensor(mixed[i].scores), torch.tensor(alone[0].scores)) < 1e-5
     finally:
         eng.close()
+
+
+def test_build_fp8_cli_on_minilm(tmp_path, monkeypatch):
+    """`flockserve base build-fp8` on the real MiniLM: a derived base the engine serves in
+    (emulated) e4m3, whose sentence embeddings stay close to the plain base's; bad input is one
+    error line."""
+    from typer.testing import CliRunner
+
+    from workers.cli import app
+    from workers.config import settings
+    from workers.engine.batch import RequestItem
+    from workers.engine.tokenize import BatchTokenizer
+    from workers.models import resolve_model_dir
+    texts = [f"shares of tech firm {i} rose as the market gained ground" for i in range(10)] + \
+            ["the team won the cup final after extra time", "new film tops the box office"]
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    monkeypatch.setenv("FLOCK_MODELS_DIR", str(tmp_path / "models"))
+    settings.cache_clear()
+    try:
+        r = CliRunner().invoke(app, ["base", "build-fp8", "all-MiniLM-L6-v2", "--corpus", str(corpus),
+                                     "--batch-size", "4", "--json"])
+        assert r.exit_code == 0, r.output
+        res = json.loads(r.output)
+        assert res["id"] == "all-MiniLM-L6-v2-fp8" and res["texts"] == 12 and res["amax_max"] > res["amax_min"] > 0
+        plain_dir = str(resolve_model_dir("all-MiniLM-L6-v2"))
+        batch = BatchTokenizer(plain_dir, 64).pack([RequestItem("-", text=t) for t in texts[8:]])
+        outs = {}
+        for name, d in (("plain", plain_dir), ("fp8", res["out"])):
+            eng = Engine(d, lambda t: None, device="cpu")
+            try:
+                outs[name] = eng.encode_base(batch)
+            finally:
+                eng.close()
+        cos = torch.nn.functional.cosine_similarity(outs["fp8"], outs["plain"], dim=-1)
+        assert cos.min() > 0.98 and rel_err(outs["fp8"], outs["plain"]) > 1e-4, (cos.min(), rel_err(outs["fp8"], outs["plain"]))
+        bad = CliRunner().invoke(app, ["base", "build-fp8", "all-MiniLM-L6-v2", "--corpus", str(tmp_path / "nope.txt")])
+        assert bad.exit_code == 1 and bad.output.strip().startswith("error:") and "nope.txt" in bad.output
+    finally:
+        settings.cache_clear()

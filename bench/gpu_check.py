@@ -297,10 +297,12 @@ def sparse_checks(device, results, out_dir, small=False):
     n_ten, seq = (6, 40) if small else (85, 128)
     dt = torch.float32 if small else torch.bfloat16  # the interpreter's dot is not bf16-exact (CPU smoke)
     if small:
-        sweeps = {"diff": [{"CH": 16, "num_warps": 1}],
+        sweeps = {"diff": [{"CH": 16, "num_warps": 1}, {"G": 2, "KCH": 32, "CH": 8, "num_warps": 1}],
                   "maskbert": [ts.MASK_INTERPRET_CONFIG, {**ts.MASK_INTERPRET_CONFIG, "BM": 64, "BLOCK_K": 64}]}
     else:
-        sweeps = {"diff": [{"CH": ch, "num_warps": nw} for ch in (16, 32, 64) for nw in (2, 4)],
+        sweeps = {"diff": [{"CH": ch, "num_warps": nw} for ch in (16, 32, 64) for nw in (2, 4)]  # x gathered
+                  + [{"G": g, "CH": ch, "num_warps": 4} for g in (1, 2, 4) for ch in (16, 32)]  # x staged
+                  + [{"G": 4, "CH": 16, "num_warps": 8}, {"G": 1, "KCH": 128, "CH": 32, "num_warps": 4}],
                   "maskbert": [{"BM": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": nw, "num_stages": ns}
                                for bm, bn, bk, nw, ns in (
                                    (128, 128, 32, 8, 4), (128, 128, 32, 8, 3), (128, 128, 64, 8, 3),

@@ -21,7 +21,7 @@ from workers.engine.pets.common import GROUPS, checked_tensors, group_in, group_
 from workers.engine.plan import PetGroup, Segments
 from tests.engine.conftest import random_delta
 
-from workers.engine.kernels.triton_sparse import MASK_INTERPRET_CONFIG, masked_linear
+from workers.engine.kernels.triton_sparse import MASK_INTERPRET_CONFIG, diff_add, masked_linear
 from workers.engine.pets import sparse
 
 rng = np.random.default_rng(3)
@@ -85,6 +85,14 @@ for dims in (BaseDims(32, 64, 2, 2), BaseDims(36, 72, 2, 2), BaseDims(128, 256, 
                     y[t0:spans[-1][1]] = x[t0:spans[-1][1]] @ w.t() + b
                 mod.linear(group, i, g, x, y, lw, None)
                 outs = [(path, y)]
+                if pet == "diff" and path == "1":  # the x-staged kernel, 1 and 4 packed blocks per program (past N too)
+                    tiles, n_tiles, table = sparse.launch_map(group, mod.TENSORS)
+                    for cfg in ({"G": 1, "KCH": 32, "CH": 4, "num_warps": 1}, {"G": 4, "CH": 32, "num_warps": 1}):
+                        y2 = torch.full((T, N), 7.0)
+                        y2[t0:spans[-1][1]] = x[t0:spans[-1][1]] @ w.t() + b
+                        diff_add(x[t0:spans[-1][1]], y2[t0:spans[-1][1]], table, tiles, n_tiles,
+                                 i * len(GROUPS) + GROUPS.index(g), mod.BLOCK_N, cfg)
+                        outs.append((f"1, staged G {cfg['G']}", y2))
                 if pet == "maskbert" and path == "1":  # another config: BM 64 over 48-row tiles, BLOCK_K 64
                     tiles, n_tiles, table = sparse.launch_map(group, mod.TENSORS, 48)
                     y2 = torch.full((T, N), 7.0)

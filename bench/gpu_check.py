@@ -385,23 +385,158 @@ def sparse_checks(device, results, out_dir, small=False):
         json.dump(timings, f, indent=1)
 
 
+def lora_gemm_checks(device, results, out_dir):
+    """Issue 14 item 1: the QKV GEMM with the LoRA delta in its epilogue vs torch fp32, and its
+    time against cuBLAS alone and cuBLAS + the fused LoRA pass (BERT-base q|k|v, r8 q,v, 10,000
+    slots), at 512 x 128 and at lengths 8-128 (same token budget)."""
+    from workers.engine.kernels import triton_lora_gemm as lg
+    from workers.engine.kernels.triton_lora import cols_tensor, sgmv_lora_fused, sgmv_shrink
+    from workers.engine.plan import TILE_M
+    rng = np.random.default_rng(11)
+    K, NM, members, RB, S = 768, 768, 2, 8, 10_000
+    W = (torch.randn(3 * NM, K, device=device) * 0.03).to(torch.bfloat16)
+    bias = (torch.randn(3 * NM, device=device) * 0.1).to(torch.bfloat16)
+    A = (torch.randn(S, members * RB, K, device=device) * 0.05).to(torch.bfloat16)
+    B = (torch.randn(S, members, NM, RB, device=device) * 0.05).to(torch.bfloat16)
+    cols = [0, 2 * NM]
+    report = {}
+    for name, lens in (("512x128", [128] * 512),
+                       ("lengths 8-128", np.clip(rng.lognormal(np.log(40), 0.6, 1700), 8, 128).astype(int).tolist())):
+        slots = sorted(rng.integers(0, S, size=len(lens)).tolist())
+        seg = _segments(lens, slots, device, True)
+        T = sum(lens)
+        x = torch.randn(T, K, device=device, dtype=torch.bfloat16)
+        tiles = lg.gemm_tiles(seg.tiles, seg.n_tiles, 0, T, T, TILE_M)
+        ct = cols_tensor(cols, device)
+
+        def epilogue():
+            return lg.lora_gemm(x, W, bias, sgmv_shrink(x, A, seg.tiles, seg.n_tiles), B, tiles, 0, ct, TILE_M)
+        got = epilogue()
+        if name == "512x128":  # reference on a slice of rows (fp32)
+            n = 4096
+            xa = (x[:n].float().unsqueeze(1) @ A[seg.tok_slots[:n]].float().transpose(1, 2)).squeeze(1)
+            want = x[:n].float() @ W.float().t() + bias.float()
+            for m, c in enumerate(cols):
+                want[:, c:c + NM] += (xa[:, m * RB:(m + 1) * RB].unsqueeze(1)
+                                      @ B[seg.tok_slots[:n], m].float().transpose(1, 2)).squeeze(1)
+            results.append({"check": "LoRA in the QKV GEMM epilogue (Triton) vs torch fp32", "rel_err": rel(got[:n], want)})
+
+        def cublas():
+            return torch.addmm(bias, x, W.t())
+
+        def cublas_pass():
+            y = torch.addmm(bias, x, W.t())
+            sgmv_lora_fused(x, A, B, seg.tiles, seg.n_tiles, y, cols)
+        no_lora = lg.gemm_tiles(seg.tiles, 0, 0, 0, T, TILE_M)  # every tile slot -1: the GEMM alone
+        xa0 = sgmv_shrink(x, A, seg.tiles, seg.n_tiles)
+        t = {"cublas_us": time_us(cublas), "cublas_plus_fused_lora_us": time_us(cublas_pass),
+             "epilogue_us": time_us(epilogue), "shrink_us": time_us(lambda: sgmv_shrink(x, A, seg.tiles, seg.n_tiles)),
+             "triton_gemm_alone_us": time_us(lambda: lg.lora_gemm(x, W, bias, xa0, B, no_lora, 0, ct, TILE_M))}
+        report[name] = {"tokens": T, **{k: round(v, 1) for k, v in t.items()}}
+        print(f"  QKV {name:14s} T={T}: cuBLAS {t['cublas_us']:.1f} us, + fused LoRA {t['cublas_plus_fused_lora_us']:.1f} us, "
+              f"Triton GEMM with LoRA epilogue {t['epilogue_us']:.1f} us (shrink {t['shrink_us']:.1f}; the Triton GEMM "
+              f"without LoRA tiles {t['triton_gemm_alone_us']:.1f})", flush=True)
+    report["sweep_us"] = lg.sweep_us
+    report["best_config"] = {str(k): v for k, v in lg.best_config.items()}
+    print("  sweep (us):", json.dumps(lg.sweep_us), flush=True)
+    with open(os.path.join(out_dir, "lora_gemm.json"), "w") as f:
+        json.dump(report, f, indent=1)
+
+
+def fp8_checks(device, results):
+    """FP8 base (issue 14 item 3): the quantising kernels bit for bit against torch's e4m3 cast,
+    the cuBLASLt GEMM against the dequantised fp32 product, and an engine on an FP8 base (CUDA
+    bf16) against the same FP8 base emulated on the CPU in fp32, and against the bf16 base."""
+    import tempfile
+    from pathlib import Path
+
+    import torch.nn.functional as F
+    from workers.engine.derived import write_derived_base
+    from workers.engine.encoder import Encoder
+    from workers.engine.fp8 import FP8_KEY, Fp8Gemms, calibrate, quantize_ref, save_scales
+    from workers.engine.kernels.triton_fp8 import quantize
+    from workers.engine.kernels.triton_norm import add_layer_norm
+    from workers.engine.model_loading import load_base
+    from workers.engine.plan import build_plan
+
+    def flips(a, b):  # share of e4m3 codes that differ
+        return float((a.view(torch.uint8) != b.view(torch.uint8)).float().mean())
+    x = torch.randn(4096, 3072, device=device, dtype=torch.bfloat16) * 3
+    results.append({"check": "fp8 quantize kernel vs torch e4m3 cast (share of codes differing)",
+                    "rel_err": flips(quantize(x, 1 / 0.02), quantize_ref(x, 1 / 0.02)), "tol": 0.0})
+    g = F.gelu(x.float(), approximate="tanh")
+    results.append({"check": "fp8 GELU+quantize kernel vs torch (share of codes differing)",
+                    "rel_err": flips(quantize(x, 1 / 0.02, gelu=True), quantize_ref(g, 1 / 0.02)), "tol": 1e-3})
+    xx, rr = (torch.randn(4096, 768, device=device, dtype=torch.bfloat16) for _ in range(2))
+    w, b = torch.randn(768, device=device, dtype=torch.bfloat16), torch.randn(768, device=device, dtype=torch.bfloat16)
+    out, q = add_layer_norm(xx, rr, w, b, 1e-12, None, 1 / 0.03)
+    results.append({"check": "add+layernorm e4m3 output vs torch cast of its bf16 output (share differing)",
+                    "rel_err": flips(q, quantize_ref(out, 1 / 0.03)), "tol": 0.0})
+    path = save_random_bert(tempfile.mkdtemp(), 768, 4, 12, 3072, vocab=30522)
+    base = load_base(path)
+    gem = Fp8Gemms(base.to(device, torch.bfloat16), torch.full((4, 4), 6.0), torch.device(device), torch.bfloat16, True)
+    xin = torch.randn(8192, 768, device=device, dtype=torch.bfloat16)
+    xq = gem.quantize(0, "qkv", xin)
+    got = gem.linear(0, "qkv", xq, base.layers[0].qkv_b.to(device, torch.bfloat16))
+    wq = gem.w[0, "qkv"].float() * gem.w_scale[0, "qkv"]
+    want = (xq.float() * gem.x_scale[0, "qkv"]) @ wq.t() + base.layers[0].qkv_b.to(device)
+    results.append({"check": f"fp8 GEMM ({'cuBLASLt' if gem.native else 'emulated'}) vs dequantised fp32",
+                    "rel_err": rel(got, want)})
+    # An FP8 base of the random model, calibrated on random batches; engine CUDA bf16 vs CPU fp32.
+    plans = [build_plan(b_.input_ids, None, b_.cu_seqlens, [None] * b_.num_seqs, 0, torch.device("cpu"), False)
+             for b_ in (random_packed(["-"] * 8, [64] * 8, 30522, seed=70 + j) for j in range(2))]
+    amax = calibrate(Encoder(base, "cpu", torch.float32), plans)
+    fp8_dir = Path(tempfile.mkdtemp()) / "fp8"
+    write_derived_base(path, fp8_dir, FP8_KEY, {"base": "random"})
+    save_scales(str(fp8_dir), amax, {"base": "random"})
+    batch = random_packed(["-"] * 24, np.random.default_rng(4).integers(8, 128, size=24).tolist(), 30522, seed=5)
+    outs = {}
+    for name, d, dev, dt in (("fp8 cuda bf16", fp8_dir, device, torch.bfloat16), ("fp8 cpu fp32", fp8_dir, "cpu", torch.float32),
+                             ("bf16 cuda", path, device, torch.bfloat16)):
+        eng = Engine(str(d), lambda t: None, device=dev, dtype=dt)
+        try:
+            outs[name] = eng.encode_base(batch).float().cpu()
+        finally:
+            eng.close()
+    results.append({"check": "engine FP8 base: CUDA bf16 vs CPU fp32 emulation (info, tol 0.1)",
+                    "rel_err": rel(outs["fp8 cuda bf16"], outs["fp8 cpu fp32"]), "tol": 0.1})
+    results.append({"check": "engine FP8 base vs bf16 base, 4 random layers (info, tol 0.2)",
+                    "rel_err": rel(outs["fp8 cuda bf16"], outs["bf16 cuda"]), "tol": 0.2})
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--small", action="store_true")
     ap.add_argument("--sparse", action="store_true", help="only the diff / MaskBERT kernel checks + engine checks")
+    ap.add_argument("--fp8", action="store_true", help="only the FP8 base checks")
+    ap.add_argument("--lora-gemm", action="store_true", help="only the LoRA-in-GEMM-epilogue check and timings")
     args = ap.parse_args()
     out_dir = os.environ.get("OUT", "./bench_out")
     os.makedirs(out_dir, exist_ok=True)
     results: list[dict] = []
-    if triton_available() and (args.device != "cpu" or args.small):  # CPU: under TRITON_INTERPRET=1
+    if args.lora_gemm:
+        try:
+            lora_gemm_checks(args.device, results, out_dir)
+        except Exception as exc:  # report, never hide
+            import traceback
+            traceback.print_exc()
+            results.append({"check": f"LoRA GEMM checks crashed: {exc!r}"[:200], "rel_err": float("inf")})
+    elif args.fp8:
+        try:
+            fp8_checks(args.device, results)
+        except Exception as exc:  # report, never hide
+            import traceback
+            traceback.print_exc()
+            results.append({"check": f"fp8 checks crashed: {exc!r}"[:200], "rel_err": float("inf")})
+    elif triton_available() and (args.device != "cpu" or args.small):  # CPU: under TRITON_INTERPRET=1
         try:
             sparse_checks(args.device, results, out_dir, args.small)
         except Exception as exc:  # report, never hide
             import traceback
             traceback.print_exc()
             results.append({"check": f"sparse kernel checks crashed: {exc!r}"[:200], "rel_err": float("inf")})
-    if args.device != "cpu" and triton_available() and not args.sparse:
+    if args.device != "cpu" and triton_available() and not (args.sparse or args.fp8 or args.lora_gemm):
         try:
             lora_microbench(args.device, out_dir)
         except Exception as exc:  # report, never hide
@@ -416,9 +551,10 @@ def main():
             import traceback
             traceback.print_exc()
             results.append({"check": f"new kernel checks crashed: {exc!r}"[:200], "rel_err": float("inf")})
-    elif not args.sparse:
+    elif not (args.sparse or args.fp8 or args.lora_gemm):
         print("kernel checks skipped (no CUDA/Triton)")
-    engine_checks(args.device, args.small, results)
+    if not (args.fp8 or args.lora_gemm):
+        engine_checks(args.device, args.small, results)
     ok = True
     print(f"{'check':70s} {'rel_err':>10s}  ok")
     for r in results:

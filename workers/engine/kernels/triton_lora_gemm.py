@@ -39,48 +39,46 @@ def _lora_gemm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, xa_ptr, B_ptr, tiles_ptr, cols
     start = tl.load(tiles_ptr + pid_m)
     end = tl.load(tiles_ptr + n_tiles + pid_m)
     slot = tl.load(tiles_ptr + 2 * n_tiles + pid_m)
-    rows = start + tl.arange(0, BLOCK_M)
-    rmask = rows < end
-    rows_c = tl.where(rmask, rows, start).to(tl.int64)  # clamped: unmasked loads stay in bounds
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    cmask = cols < N
-    cols_c = tl.where(cmask, cols, 0).to(tl.int64)
-    kk = tl.arange(0, BLOCK_K)
-    xp = x_ptr + rows_c[:, None] * stride_xm + kk[None, :]
-    wp = w_ptr + cols_c[None, :] * stride_wn + kk[:, None]  # [BLOCK_K, BLOCK_N] view of Wᵀ
+    offs_m = start + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    rmask = offs_m < end
+    cmask = offs_n < N
+    # the main loop as in Triton's matmul tutorial: affine offsets, row / column masks only
+    a_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
+    b_ptrs = w_ptr + offs_k[:, None] + offs_n[None, :] * stride_wn  # [BLOCK_K, BLOCK_N] view of Wᵀ
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         if EVEN_K:
-            a = tl.load(xp)
-            b = tl.load(wp)
+            a = tl.load(a_ptrs, mask=rmask[:, None], other=0.0)
+            b = tl.load(b_ptrs, mask=cmask[None, :], other=0.0)
         else:
-            a = tl.load(xp, mask=kk[None, :] < K - k0, other=0.0)
-            b = tl.load(wp, mask=kk[:, None] < K - k0, other=0.0)
+            a = tl.load(a_ptrs, mask=rmask[:, None] & (offs_k[None, :] < K - k0), other=0.0)
+            b = tl.load(b_ptrs, mask=cmask[None, :] & (offs_k[:, None] < K - k0), other=0.0)
         if IEEE:
             acc = tl.dot(a, b, acc, input_precision="ieee")
         else:
             acc = tl.dot(a, b, acc)
-        xp += BLOCK_K
-        wp += BLOCK_K
-    acc += tl.load(b_ptr + cols_c, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    acc += tl.load(b_ptr + offs_n, mask=cmask, other=0.0).to(tl.float32)[None, :]
     if slot >= 0:
         rr = tl.arange(0, BLOCK_R)
         n0 = pid_n * BLOCK_N
         for m in tl.static_range(MEMBERS):
             c0 = tl.load(cols_ptr + m)
             if (n0 < c0 + NM) & (n0 + BLOCK_N > c0):  # this column block meets member m's columns
-                lc = cols - c0
+                lc = offs_n - c0
                 inm = (lc >= 0) & (lc < NM) & cmask
-                xa = tl.load(xa_ptr + (rows_c - t0)[:, None] * stride_xam + m * RB + rr[None, :],
-                             mask=rr[None, :] < RB, other=0.0)
-                bt = tl.load(B_ptr + slot.to(tl.int64) * stride_bs + m * stride_bm
-                             + tl.where(inm, lc, 0).to(tl.int64)[None, :] * stride_bn + rr[:, None],
-                             mask=inm[None, :] & (rr[:, None] < RB), other=0.0)
+                xa = tl.load(xa_ptr + (offs_m - t0)[:, None] * stride_xam + m * RB + rr[None, :],
+                             mask=rmask[:, None] & (rr[None, :] < RB), other=0.0)
+                bt = tl.load(B_ptr + slot.to(tl.int64) * stride_bs + m * stride_bm + lc[None, :] * stride_bn
+                             + rr[:, None], mask=inm[None, :] & (rr[:, None] < RB), other=0.0)
                 if IEEE:
                     acc = tl.dot(xa, bt, acc, input_precision="ieee")
                 else:
                     acc = tl.dot(xa, bt, acc)
-    tl.store(y_ptr + rows_c[:, None] * stride_ym + cols_c[None, :], acc.to(y_ptr.dtype.element_ty),
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=rmask[:, None] & cmask[None, :])
 
 

@@ -88,6 +88,8 @@ def gemm_ok(group, site_group: str, x: torch.Tensor) -> bool:
     A = group.bank.get(f"A.{site_group}")
     if A is None or not segmented.use_triton(x, group.seg) or group.seg.n_tiles == 0:
         return False
+    if x.shape[0] * x.shape[1] * 4 >= 2 ** 31:  # the kernel's int32 offsets (outputs up to 4x the input width)
+        return False
     B = group.bank.get(f"B.{site_group}")
     return A.shape[-2] == B.shape[-3] * B.shape[-1]  # [slots, layers, R, K] vs [slots, layers, members, N, r]
 

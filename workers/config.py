@@ -113,7 +113,7 @@ class Settings(BaseSettings):
     # Engine kernel choices (workers/engine/options.py; bench/engine.py times them on the GPU).
     lora_into_gemm: bool = False  # LoRA expand writes into the base GEMM's output (beta = 1)
     lora_fused: str = Field("auto", pattern="^(auto|0|1)$")  # fused LoRA shrink+expand: timed | off | on
-    lora_gemm: str = Field("auto", pattern="^(auto|0|1)$")  # LoRA delta in a Triton GEMM's epilogue: timed | off | on
+    lora_gemm: str = Field("0", pattern="^(auto|0|1)$")  # LoRA delta in a Triton GEMM's epilogue: timed | off | on
     varlen_attn: str = Field("auto", pattern="^(auto|triton|flash)$")  # unequal lengths: timed | kernel
     # Lower-layer skipping (a base built by `flockserve base build-plot`): the tri-gram table's
     # budgets, hot rows on the device, the rest in pinned host memory (workers/engine/plot/table.py).

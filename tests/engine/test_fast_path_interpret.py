@@ -41,7 +41,9 @@ deltas = {f"t{i}": random_delta(f"t{i}", kinds[i % len(kinds)], dims, seed=i, n_
           for i in range(12)}
 rng = np.random.default_rng(0)
 batch = random_packed([f"t{int(rng.integers(12))}" for _ in range(14)], rng.integers(3, 70, size=14), vocab=300, seed=1)
-eng = Engine(path, lambda t: deltas[t], device="cpu", dtype=torch.float32, pool_config=PoolConfig(default_slots=16))
+from workers.engine.options import EngineOptions
+eng = Engine(path, lambda t: deltas[t], device="cpu", dtype=torch.float32, pool_config=PoolConfig(default_slots=16),
+             options=EngineOptions(lora_gemm="auto"))  # auto = on under the interpreter
 fast = eng.encoder.fast
 outs = eng.run(batch, timeout=600)
 eng.close()

@@ -26,8 +26,10 @@ class EngineOptions:
     varlen_attn: str = "auto"
     # LoRA delta in the epilogue of a Triton GEMM that replaces cuBLAS for that site group (no
     # read-modify-write of q|v): "auto" times it against cuBLAS + the LoRA pass once per shape and
-    # keeps the faster; "1" always, "0" never. Under TRITON_INTERPRET=1 "auto" means on.
-    lora_gemm: str = "auto"
+    # keeps the faster; "1" always, "0" never. Under TRITON_INTERPRET=1 "auto" means on. Off by
+    # default: on the H200 the Triton GEMM loses to cuBLAS by more than the pass it saves, and
+    # "auto" would compile and time its launch configs on a worker's first batch for nothing.
+    lora_gemm: str = "0"
 
     def __post_init__(self):
         for name in ("lora_fused", "lora_gemm"):

@@ -119,6 +119,7 @@ class Settings(BaseSettings):
     # budgets, hot rows on the device, the rest in pinned host memory (workers/engine/plot/table.py).
     plot_device_bytes: int = 1 << 30
     plot_host_bytes: int = 4 << 30
+    plot_insert_rows: int = Field(8192, ge=0)  # new tri-gram rows a batch may add to the table
     partition_high_water: int = 2000  # pause a partition with this many unreplied requests
     partition_low_water: int = 500  # and resume it below this
     commit_interval_ms: int = 200

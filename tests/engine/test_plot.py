@@ -145,6 +145,24 @@ def test_unseen_trigram_computed_then_served(dirs):
     assert rt.report()["device_rows"] > 1024 and torch.equal(_states(rt, many, [[0] * 60] * 40), want)
 
 
+def test_insert_cap_keeps_states_exact_and_admits_the_rest_later(dirs):
+    """A batch of more new windows than FLOCK_PLOT_INSERT_ROWS: every state is still the directly
+    computed one; only the cap's worth is kept, and later batches admit the rest."""
+    _, skip_dir, _ = dirs
+    base = load_base(skip_dir)
+    rt = PlotRuntime(skip_dir, base, torch.device("cpu"), torch.float32, insert_rows=3)
+    seqs, tts = [[5, 6, 7, 8], [9, 5, 6]], [[0] * 4, [0] * 3]  # 7 distinct windows
+    direct = _states(rt, seqs, tts, use_table=False)
+    for n in (1, 2, 3):  # (a smaller batch of misses may round differently in the last bit)
+        assert torch.allclose(_states(rt, seqs, tts), direct, rtol=1e-5, atol=1e-6)
+        rep = rt.report()
+        assert rep["device_rows"] == min(7, 3 * n)  # 3 more admitted per batch
+        assert rep["misses"] == sum(7 - min(7, 3 * j) for j in range(n))
+    assert rep["not_admitted"] == 4 + 1
+    assert torch.allclose(_states(rt, seqs, tts), direct, rtol=1e-5, atol=1e-6)
+    assert rt.report()["hits_device"] >= 7
+
+
 def _upper_only(delta, k: int):
     delta.tensors = {n: t for n, t in delta.tensors.items()
                      if not n.startswith("layers.") or int(n.split(".")[1]) >= k}

@@ -69,7 +69,7 @@ class Engine:
     def __init__(self, model_dir: str, load_delta: Loader, device: str | None = None,
                  dtype: torch.dtype | None = None, pool_config: PoolConfig | None = None,
                  max_inflight: int = 2, options: EngineOptions | None = None,
-                 plot_device_bytes: int = 1 << 30, plot_host_bytes: int = 4 << 30):
+                 plot_device_bytes: int = 1 << 30, plot_host_bytes: int = 4 << 30, plot_insert_rows: int = 8192):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         base = load_base(model_dir)
@@ -84,7 +84,7 @@ class Engine:
         self._lowest: dict[str, int] = {}
         if plot_skip(model_dir) is not None:
             self.plot = PlotRuntime(model_dir, self.encoder.base, self.device, self.dtype,
-                                    plot_device_bytes, plot_host_bytes)
+                                    plot_device_bytes, plot_host_bytes, insert_rows=plot_insert_rows)
             self.encoder.plot = self.plot
             inner, n_layers = load_delta, base.dims.layers
 

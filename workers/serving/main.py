@@ -63,7 +63,8 @@ def build_engine(s: Settings, store: AdapterStore):
                       default_slots=s.adapter_slots, load_threads=s.adapter_load_threads)
     engine = Engine(str(model_dir), StoreLoader(store, s.default_base_model), device=device,
                     pool_config=pool, options=EngineOptions.from_settings(s),
-                    plot_device_bytes=s.plot_device_bytes, plot_host_bytes=s.plot_host_bytes)
+                    plot_device_bytes=s.plot_device_bytes, plot_host_bytes=s.plot_host_bytes,
+                    plot_insert_rows=s.plot_insert_rows)
     log.info("engine on %s (%s), kernels: %s", engine.device, engine.dtype, engine.tuned_choices())
     return engine, model_dir
 

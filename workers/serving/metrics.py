@@ -101,7 +101,12 @@ class PlotCollector:
         for stage in ("lookup", "compute"):
             secs.add_metric([stage], st[f"{stage}_seconds"])
             last.add_metric([stage], st[f"last_{stage}_ms"])
-        yield from (rows, nbytes, looks, secs, last,
+        kept = CounterMetricFamily("flock_plot_not_admitted", "Computed tri-grams not kept: over the per-batch "
+                                   "insert cap (FLOCK_PLOT_INSERT_ROWS) or the table's capacity",
+                                   labels=["reason"])
+        kept.add_metric(["insert_cap"], st["not_admitted"])
+        kept.add_metric(["capacity"], st["dropped"])
+        yield from (rows, nbytes, looks, secs, last, kept,
                     GaugeMetricFamily("flock_plot_hit_rate", "Share of looked-up tri-grams found in the table",
                                       value=st["hit_rate"] or 0.0))
 

@@ -31,7 +31,8 @@ def plot_skip(model_dir: str) -> int | None:
 
 class PlotRuntime:
     def __init__(self, model_dir: str, base: BaseWeights, device: torch.device, dtype: torch.dtype,
-                 device_bytes: int = 1 << 30, host_bytes: int = 4 << 30, load_table: bool = True):
+                 device_bytes: int = 1 << 30, host_bytes: int = 4 << 30, load_table: bool = True,
+                 insert_rows: int = 8192):
         path = os.path.join(model_dir, PLOT_FILE)
         with safe_open(path, "pt") as f:
             meta = json.loads(f.metadata()["flock_plot"])
@@ -40,7 +41,7 @@ class PlotRuntime:
         self.base = base  # the engine's (device, dtype) weights: embeddings shared with the full path
         self.shallow = ShallowWeights.from_tensors(load_file(path), self.skip).to(device, dtype)
         self.vocab = base.word_emb.shape[0]
-        self.table = PlotTable(base.dims.hidden, device, dtype, device_bytes, host_bytes)
+        self.table = PlotTable(base.dims.hidden, device, dtype, device_bytes, host_bytes, insert_rows)
         tp = os.path.join(model_dir, TABLE_FILE)
         self.loaded = 0
         if load_table and os.path.exists(tp):

@@ -199,9 +199,13 @@ class Encoder:
                 return F.gelu(y, approximate="tanh"), None
             if not touch:
                 return torch._addmm_activation(b, x, w.t(), use_gelu=True), None
-            if len(touch) == 1 and touch[0][0].pet_type in self._hooks["linear_act"]:
-                f = self._shared(plan, i, "ffn_in", x, w, b, xq)  # the group's delta + GELU in one row-wise pass
-                touch[0][1].linear(touch[0][0], i, "ffn_in", x, f, lw, self, act="gelu_tanh")
+            acts = [(g, ops) for g, ops in touch if g.pet_type in self._hooks["linear_act"]]
+            if len(acts) == 1:  # the other groups' deltas first, then that group's delta + GELU in one
+                f = self._shared(plan, i, "ffn_in", x, w, b, xq)  # row-wise pass over every row
+                for g, ops in touch:
+                    if g is not acts[0][0]:
+                        ops.linear(g, i, "ffn_in", x, f, lw, self)
+                acts[0][1].linear(acts[0][0], i, "ffn_in", x, f, lw, self, act="gelu_tanh")
                 return f, None
         f = self._gemm(plan, i, "ffn_in", lw, x, xq)
         if pre:

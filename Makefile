@@ -8,6 +8,8 @@ STAMP := $(VENV)/.flock-installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 PYTEST_ARGS ?=
+# Free disk the first setup needs: the virtualenv is about 6 GiB (PyPI's torch pulls CUDA libraries).
+SETUP_FREE_GIB ?= 7
 
 .PHONY: setup services down status demo test test-fast faults clean bench-e2e bundle
 
@@ -15,6 +17,7 @@ PYTEST_ARGS ?=
 # pyproject.toml changes.
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python >= 3.11 required")'
+	@$(PYTHON) -c 'import os, shutil, sys; free = shutil.disk_usage(".").free / 2**30; sys.exit(0 if free >= $(SETUP_FREE_GIB) or os.path.exists("$(PY)") else f"[setup] {free:.1f} GiB free here; the virtualenv (torch and its CUDA libraries) needs about $(SETUP_FREE_GIB) GiB")'
 	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
 	@echo "[setup] installing flockserve and its dependencies into $(VENV) (first time: several minutes, torch is large)"
 	$(PY) -m pip install --progress-bar off -q --upgrade pip

@@ -1,7 +1,13 @@
 """CPU cost of the host path: the real `flockserve worker run` on the real services, near-zero engine.
 
     .venv/bin/python bench/dataplane.py [--requests 20000] [--edges 1 2] [--partitions 8] [--json]
-                                        [--auth [--forged 1.0]]
+                                        [--auth [--forged 1.0]] [--rate 500 --seconds 20]
+
+--rate R (open loop) replaces the backlog: once the warm-up requests are answered, the bench
+produces R requests/s for --seconds while the worker runs, so fetches and batches are as small as
+R makes them; rate 0 measures the idle worker (its CPU per second, "idle cores busy"). A worker
+on a GPU host spends most of its life below its capacity, where per-fetch, per-batch and per-tick
+costs are spread over few requests: that is the row to watch there.
 
 --auth gives every tenant a signing key, signs every request and runs the worker with
 FLOCK_AUTH_REQUIRED=1: the "auth" row is the signature check's CPU per request. --forged F adds
@@ -46,7 +52,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from schema.messages import Headers, InferRequest  # noqa: E402
+from schema.messages import Headers, InferReply, InferRequest  # noqa: E402
 from tests.serving_harness import WorkerProcess, make_topics  # noqa: E402
 from workers.config import settings  # noqa: E402
 from workers.kafka_conn import kafka_options  # noqa: E402
@@ -134,6 +140,55 @@ async def produce_backlog(bootstrap: str, topic: str, reqs: list[InferRequest],
         await asyncio.gather(*futs)
     finally:
         await p.stop()
+
+
+async def produce_paced(bootstrap: str, topic: str, reqs: list[InferRequest], rate: float, seconds: float,
+                        keys: dict[str, tuple[str, bytes]] | None = None) -> dict[str, float]:
+    """``reqs`` at ``rate`` per second (open loop: on schedule whatever the replies do), then
+    wait until ``seconds`` have passed. Returns request id -> wall time (ms) it was handed to the
+    producer."""
+    from aiokafka import AIOKafkaProducer
+    p = AIOKafkaProducer(bootstrap_servers=bootstrap, **kafka_options(), enable_idempotence=True, acks="all", linger_ms=1)
+    await p.start()
+    try:
+        futs, start, sent = [], time.monotonic(), {}
+        for i, r in enumerate(reqs):
+            ahead = start + i / rate - time.monotonic()
+            if ahead > 0.002:
+                await asyncio.sleep(ahead)
+            value, headers = signed(r, keys)
+            sent[r.request_id] = time.time() * 1000
+            futs.append(await p.send(topic, value, key=r.tenant_id.encode(), headers=headers))
+        await asyncio.gather(*futs)
+        await asyncio.sleep(max(0.0, start + seconds - time.monotonic()))
+        return sent
+    finally:
+        await p.stop()
+
+
+async def reply_latencies(bootstrap: str, topic: str, sent: dict[str, float]) -> list[float]:
+    """ms from handing each request to the producer to its reply's record timestamp (the
+    worker's producer stamps it when the reply is built: Kafka CreateTime)."""
+    from aiokafka import AIOKafkaConsumer
+    c = AIOKafkaConsumer(bootstrap_servers=bootstrap, **kafka_options(), enable_auto_commit=False,
+                         auto_offset_reset="earliest")
+    await c.start()
+    try:
+        tps = await _partitions(c, topic)
+        ends = await c.end_offsets(tps)
+        c.assign(tps)
+        out, left = [], {tp for tp in tps if ends[tp] > 0}
+        while left:
+            for tp, recs in (await c.getmany(timeout_ms=500)).items():
+                for rec in recs:
+                    t = sent.get(InferReply.decode(rec.value).request_id)
+                    if t is not None:
+                        out.append(rec.timestamp - t)
+                if recs and recs[-1].offset + 1 >= ends[tp]:
+                    left.discard(tp)
+        return out
+    finally:
+        await c.stop()
 
 
 async def _partitions(c, topic: str) -> list:
@@ -234,8 +289,12 @@ def run_once(args, model_dir: Path, tenants: list[str], edges: int, tag: str,
                 forged.add(f.request_id)
                 mixed.append(f)
         reqs = mixed
+    paced = args.rate is not None
+    if paced:  # only the warm-up is a backlog; the rest is produced at --rate once it is answered
+        reqs = [InferRequest(tenant_id=rng.choice(tenants), text=x)
+                for x in short_texts(int(args.rate * args.seconds), seed=1)]
     t = time.perf_counter()
-    asyncio.run(produce_backlog(s.kafka_bootstrap, topics.requests, warm + reqs, keys, forged))
+    asyncio.run(produce_backlog(s.kafka_bootstrap, topics.requests, warm if paced else warm + reqs, keys, forged))
     print(f"[dataplane] edges={edges}: backlog of {len(warm)} + {len(reqs)} requests produced in "
           f"{time.perf_counter() - t:.1f}s; starting the worker", flush=True)
     env = {"FLOCK_EDGES": str(edges), "FLOCK_DEFAULT_BASE_MODEL": str(model_dir), "FLOCK_DEVICE": "cpu",
@@ -257,12 +316,18 @@ def run_once(args, model_dir: Path, tenants: list[str], edges: int, tag: str,
         raise
     # From readiness on: start-up (imports, model load) is left out, the one-time adapter loads
     # of the tenants are in (warm-up requests touch each tenant first).
+    if paced:
+        asyncio.run(wait_for_replies(s.kafka_bootstrap, topics.replies, len(warm), args.timeout))
+        time.sleep(1.0)  # the warm-up's last acks and commit
     cpu0, t0 = group_cpu(w.proc.pid), time.perf_counter()
     m0 = scrape(w.port)
     try:
         # Progress from the reply topic's end offsets: scraping /metrics often would bill the
         # worker for the bench's own polling.
-        if forged:
+        if paced:
+            sent = asyncio.run(produce_paced(s.kafka_bootstrap, topics.requests, reqs, args.rate, args.seconds, keys))
+            asyncio.run(wait_for_replies(s.kafka_bootstrap, topics.replies, total, args.timeout))
+        elif forged:
             asyncio.run(wait_for_commits(s.kafka_bootstrap, topics.requests, w.env["FLOCK_CONSUMER_GROUP"], args.timeout))
         else:
             asyncio.run(wait_for_replies(s.kafka_bootstrap, topics.replies, total, args.timeout))
@@ -278,6 +343,9 @@ def run_once(args, model_dir: Path, tenants: list[str], edges: int, tag: str,
         rc = w.terminate()
     unanswered = m1.get("flock_auth_unanswered_total", 0.0) - m0.get("flock_auth_unanswered_total", 0.0)
     n = replies(m1) - replies(m0) + unanswered
+    idle = paced and not reqs
+    if idle:  # rate 0: per second of wall time instead of per request
+        n = t1 - t0
     if replies(m1) + m1.get("flock_auth_unanswered_total", 0.0) < total:  # since start, not since m0
         raise SystemExit(f"only {replies(m1):.0f} of {total} replies ({m1.get('flock_auth_unanswered_total', 0.0):.0f} "
                          "more refusals counted, "
@@ -297,21 +365,29 @@ def run_once(args, model_dir: Path, tenants: list[str], edges: int, tag: str,
     us["loop residual"] = cpu_total - sum(us.values())
     us["total"] = cpu_total
     seqs = d("flock_batch_sequences_sum") / max(1.0, d("flock_batch_sequences_count"))
-    return {"edges": edges, "requests": int(n), "seconds": t1 - t0, "rps": n / (t1 - t0),
+    lat = sorted(asyncio.run(reply_latencies(s.kafka_bootstrap, topics.replies, sent))) if paced and reqs else []
+
+    def pct(q: float) -> float | None:
+        return lat[min(len(lat) - 1, int(q * len(lat)))] if lat else None
+    return {"edges": edges, "requests": 0 if idle else int(n), "seconds": t1 - t0, "rps": 0.0 if idle else n / (t1 - t0),
+            "offered_rps": args.rate, "per": "second" if idle else "request",
             "auth": keys is not None, "forged": len(forged), "ok_rps": (n - len(forged)) / (t1 - t0),
             "cores_busy": (cpu1 - cpu0) / (t1 - t0), "ok_replies": int(ok), "load_avg": os.getloadavg()[0],
             "cpu_us_per_request": us, "mean_batch_seqs": seqs, "exit_code": rc,
+            "latency_ms": {"p50": pct(0.5), "p99": pct(0.99), "n": len(lat)},
             "threads_us": {k: d(f'flock_thread_cpu_seconds_total{{thread="{k}"}}') / n * 1e6
                            for k in ("loop", "tokenise", "engine", "other")}}
 
 
 def table(results: list[dict]) -> str:
     rows = list(results[0]["cpu_us_per_request"])
-    head = f"{'CPU µs / request':22s}" + "".join(f"{'edges=' + str(r['edges']):>12s}" for r in results)
+    head = f"{'CPU µs / ' + results[0]['per']:22s}" + "".join(f"{'edges=' + str(r['edges']):>12s}" for r in results)
     lines = [head, "-" * len(head)]
     for k in rows:
         lines.append(f"{k:22s}" + "".join(f"{r['cpu_us_per_request'][k]:12.1f}" for r in results))
     lines.append("-" * len(head))
+    if results[0]["offered_rps"] is not None:
+        lines.append(f"{'offered requests/s':22s}" + "".join(f"{r['offered_rps']:12.0f}" for r in results))
     lines.append(f"{'requests/s':22s}" + "".join(f"{r['rps']:12.0f}" for r in results))
     if any(r["forged"] for r in results):
         lines.append(f"{'  of them forged':22s}" + "".join(f"{r['forged']:12d}" for r in results))
@@ -319,6 +395,9 @@ def table(results: list[dict]) -> str:
     lines.append(f"{'worker cores busy':22s}" + "".join(f"{r['cores_busy']:12.2f}" for r in results))
     lines.append(f"{'host load average':22s}" + "".join(f"{r['load_avg']:12.1f}" for r in results))
     lines.append(f"{'mean seqs/batch':22s}" + "".join(f"{r['mean_batch_seqs']:12.1f}" for r in results))
+    if results[0]["latency_ms"]["n"]:
+        for q in ("p50", "p99"):
+            lines.append(f"{'latency ' + q + ' ms':22s}" + "".join(f"{r['latency_ms'][q]:12.1f}" for r in results))
     lines.append(f"{'requests measured':22s}" + "".join(f"{r['requests']:12d}" for r in results))
     return "\n".join(lines)
 
@@ -334,6 +413,9 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--label", default="", help="a name for this run in the JSON (e.g. before/after)")
     ap.add_argument("--env", nargs="*", default=[], help="extra FLOCK_*=value settings for the worker")
+    ap.add_argument("--rate", type=float, default=None,
+                    help="open loop: requests/s produced while the worker runs (0: idle worker), instead of a backlog")
+    ap.add_argument("--seconds", type=float, default=20.0, help="with --rate: how long")
     ap.add_argument("--json", action="store_true", help="print the JSON instead of the table")
     ap.add_argument("--auth", action="store_true", help="tenant keys; every request signed; FLOCK_AUTH_REQUIRED=1")
     ap.add_argument("--forged", type=float, default=0.0,

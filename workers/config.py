@@ -126,6 +126,11 @@ class Settings(BaseSettings):
     version_poll_s: float = 5.0  # how often to look for new active adapter versions
     shutdown_timeout_s: float = 30.0
     produce_linger_ms: float = 2.0  # replies: how long the producer waits to fill a batch
+    # Requests: the broker answers a fetch once it has this many bytes or this long has passed.
+    # Below capacity each fetch would otherwise carry a record or two, and its protocol work in
+    # aiokafka's Python is paid per fetch (docs/dataplane.md: "Fetch coalescing").
+    fetch_min_bytes: int = Field(64 * 1024, ge=1)
+    fetch_max_wait_ms: int = Field(5, ge=0)
     produce_max_batch_bytes: int = 256 * 1024  # replies: bytes per record batch and partition
     # Processes per worker: 0 = one process (Kafka loop and engine together); N >= 1 = one engine
     # process owning the device plus N edge processes running the Kafka loop. "auto": from the cores.

@@ -39,6 +39,7 @@ def worker_config(s: Settings) -> WorkerConfig:
         commit_interval_ms=s.commit_interval_ms, version_poll_s=s.version_poll_s,
         shutdown_timeout_s=s.shutdown_timeout_s, follow_leases=follows_leases(s.partitions),
         handover_drain_s=s.handover_drain_s, produce_linger_ms=s.produce_linger_ms,
+        fetch_min_bytes=s.fetch_min_bytes, fetch_max_wait_ms=s.fetch_max_wait_ms,
         produce_max_batch_bytes=s.produce_max_batch_bytes, kafka=kafka_options(s),
         auth_required=s.auth_required, auth_keys_poll_s=s.auth_keys_poll_s,
         auth_refusals_burst=s.auth_refusals_burst, auth_refusals_per_s=s.auth_refusals_per_s,

@@ -85,6 +85,8 @@ class WorkerConfig:
     handover_drain_s: float = 10.0
     produce_linger_ms: float = 2.0
     produce_max_batch_bytes: int = 256 * 1024
+    fetch_min_bytes: int = 64 * 1024
+    fetch_max_wait_ms: int = 5
     client_suffix: str = ""  # Kafka client ids: the edge index in a worker group
     kafka: dict[str, Any] = field(default_factory=dict)  # security options (workers.kafka_conn)
     auth_required: bool = False  # requests must be signed with a tenant key (workers.auth)
@@ -151,6 +153,7 @@ class Worker:
         self.consumer = AIOKafkaConsumer(bootstrap_servers=cfg.bootstrap, **cfg.kafka, group_id=cfg.group_id,
                                          enable_auto_commit=False, auto_offset_reset="earliest",
                                          max_partition_fetch_bytes=2 << 20, isolation_level="read_uncommitted",
+                                         fetch_min_bytes=cfg.fetch_min_bytes, fetch_max_wait_ms=cfg.fetch_max_wait_ms,
                                          client_id=f"flock-worker-{cfg.worker_id}{cfg.client_suffix}")
         await self.producer.start()
         await self.consumer.start()

@@ -197,3 +197,21 @@ def test_cold_misses_load_in_parallel_with_the_same_outputs(tiny_bert_dir):
             assert isinstance(parallel.error, AdapterLoadError)
         else:
             assert serial.error is None and serial.scores == parallel.scores and serial.logits == parallel.logits
+
+
+def test_host_copy_is_one_allocation_and_counts_its_footprint(tiny_bert_dir):
+    """Each PET type's host copy packs its float tensors (bank or sparse part and head) into one
+    buffer, and nbytes is what that holds; pinned, the allocator's power-of-two rounding counts."""
+    from workers.engine.convert import host_footprint, to_host
+
+    dims = dims_of(tiny_bert_dir)
+    for pet, delta in _deltas(tiny_bert_dir, 6, pets=("lora", "adapter", "bitfit", "ia3", "diff", "maskbert")).items():
+        hd = to_host(delta, dims, torch.float32, pin=False, has_pooler=True)
+        parts = [d for d in (hd.bank_tensors, hd.head_tensors, hd.sparse) if d]
+        floats = [t for d in parts for t in d.values() if t.is_floating_point()]
+        assert len({t.untyped_storage().data_ptr() for t in floats}) == 1, pet
+        own = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for d in parts for t in d.values()}
+        assert hd.nbytes == sum(own.values()), pet
+    assert host_footprint(146 * 1024, pinned=True) == 256 * 1024
+    assert host_footprint(256 * 1024, pinned=True) == 256 * 1024
+    assert host_footprint(146 * 1024, pinned=False) == 146 * 1024

@@ -34,23 +34,42 @@ class HostDelta(TenantMeta):
     head_layout: BankLayout
     head_tensors: dict[str, torch.Tensor]
     sparse: dict[str, torch.Tensor] | None
-    nbytes: int
+    nbytes: int  # host memory it holds (host_footprint of its allocations): the host tier's budget unit
 
 
-def _pinned_pack(tensors: dict[str, torch.Tensor], dtype: torch.dtype, pin: bool) -> dict[str, torch.Tensor]:
-    """Cast floats to dtype and pack them into one (pinned) buffer: one allocation per tenant."""
-    total = sum(t.numel() for t in tensors.values() if t.is_floating_point())
+def host_footprint(nbytes: int, pinned: bool) -> int:
+    """Host bytes one allocation of ``nbytes`` really holds: torch's caching host allocator hands
+    out pinned blocks rounded up to a power of two (a MiniLM LoRA r8 tenant's 146 KiB takes 256 KiB),
+    so the host tier's byte budget counts that, not the tensors' own size."""
+    return 1 << (nbytes - 1).bit_length() if pinned and nbytes > 1 else nbytes
+
+
+def _pinned_pack(parts: list[dict[str, torch.Tensor] | None], dtype: torch.dtype,
+                 pin: bool) -> tuple[list[dict[str, torch.Tensor] | None], int]:
+    """Cast the float tensors of every part to dtype and pack them into one (pinned) buffer:
+    one allocation per tenant, so one rounding-up. Integer tensors (masks, indices) keep their
+    dtype in allocations of their own. Returns the packed parts and their host footprint."""
+    total = sum(t.numel() for d in parts if d for t in d.values() if t.is_floating_point())
     flat = torch.empty(total, dtype=dtype, pin_memory=pin)
-    out, off = {}, 0
-    for n, t in tensors.items():
-        if t.is_floating_point():
-            v = flat[off:off + t.numel()].view(t.shape)
-            v.copy_(t)
-            off += t.numel()
-            out[n] = v
-        else:
-            out[n] = t.contiguous().pin_memory() if pin else t.contiguous()
-    return out
+    footprint = host_footprint(flat.numel() * flat.element_size(), pin)
+    out: list[dict[str, torch.Tensor] | None] = []
+    off = 0
+    for d in parts:
+        if d is None:
+            out.append(None)
+            continue
+        packed = {}
+        for n, t in d.items():
+            if t.is_floating_point():
+                v = flat[off:off + t.numel()].view(t.shape)
+                v.copy_(t)
+                off += t.numel()
+            else:
+                v = t.contiguous().pin_memory() if pin else t.contiguous()
+                footprint += host_footprint(v.numel() * v.element_size(), pin)
+            packed[n] = v
+        out.append(packed)
+    return out, footprint
 
 
 def to_host(delta: TenantDelta, dims: BaseDims, dtype: torch.dtype, pin: bool, has_pooler: bool) -> HostDelta:
@@ -67,14 +86,13 @@ def to_host(delta: TenantDelta, dims: BaseDims, dtype: torch.dtype, pin: bool, h
         pet = PETS[delta.pet_type]  # checked_tensors accepted it: a registered type
         if pet.banked:
             bank_layout = pet.ops.bank_layout(cfg, dims)
-            bank_t = _pinned_pack(pet.ops.slot_tensors(delta, t, dims, bank_layout), dtype, pin)
+            bank_t = pet.ops.slot_tensors(delta, t, dims, bank_layout)
         else:
-            sp = _pinned_pack(pet.ops.tenant_tensors(delta, t, dims), dtype, pin)
+            sp = pet.ops.tenant_tensors(delta, t, dims)
+        (bank_t, head_t, sp), nbytes = _pinned_pack([bank_t, head_t, sp], dtype, pin)
     except AdapterLoadError:
         raise
     except (KeyError, ValueError, RuntimeError, IndexError) as e:
         raise AdapterLoadError(f"tenant {delta.tenant_id}: cannot convert delta: {e}") from e
-    head_t = _pinned_pack(head_t, dtype, pin)
-    nbytes = sum(x.numel() * x.element_size() for d in (bank_t, head_t, sp) if d for x in d.values())
     return HostDelta(delta.tenant_id, delta.version, delta.pet_type, task, pooling, list(cfg["labels"]),
                      bank_layout, bank_t, head_layout, head_t, sp, nbytes)

@@ -17,7 +17,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from operator import is_not
-from typing import Annotated, Any, Callable, Literal, Optional, Sequence, Union
+from typing import Annotated, Any, Callable, Literal, MutableSequence, Optional, Sequence, Union
 
 import msgpack
 import msgspec
@@ -579,15 +579,16 @@ def decode_requests(values: Sequence[bytes | None], *,
     return out
 
 
-def encode_replies(replies: Sequence[InferReply]) -> tuple[list[bytes], list[list[tuple[str, bytes]]]]:
+def encode_replies(replies: MutableSequence[InferReply]) -> tuple[list[bytes], list[list[tuple[str, bytes]]]]:
     """(values, headers) for a batch of replies, in order: the bytes of ``reply.encode()`` and the
-    list of ``reply.headers()``. A reply that fails validation (a bug upstream, e.g. a NaN score)
-    does not fail the batch: its request is answered with an ``internal`` error reply saying why.
+    list of ``reply.headers()``. A reply that fails validation (e.g. a NaN score from a tenant
+    whose weights overflow) does not fail the batch: its request is answered with an ``internal``
+    error reply saying why, which also takes its place in ``replies``.
     This is what the data plane calls per engine batch instead of encode()/headers() per reply."""
     values: list[bytes] = []
     headers: list[list[tuple[str, bytes]]] = []
     enc, check = _ENCODER.encode, _REPLY_CHECK.decode
-    for r in replies:
+    for i, r in enumerate(replies):
         try:
             data = enc(r.to_wire())
             check(data)
@@ -595,8 +596,9 @@ def encode_replies(replies: Sequence[InferReply]) -> tuple[list[bytes], list[lis
             try:
                 data = r._encode_exact()
             except WireError as e:
-                r = InferReply.error(ErrorCode.INTERNAL, f"reply failed validation: {e.message}",
-                                     request_id=r.request_id, tenant_id=r.tenant_id, worker_id=r.worker_id)
+                r = replies[i] = InferReply.error(ErrorCode.INTERNAL, f"reply failed validation: {e.message}",
+                                                  request_id=r.request_id, tenant_id=r.tenant_id,
+                                                  worker_id=r.worker_id)
                 data = r._encode_exact()
         values.append(data)
         headers.append(r.headers())

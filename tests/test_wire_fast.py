@@ -136,8 +136,10 @@ def test_invalid_reply_raises_typed_error_and_batch_answers_internal(outputs):
         r.encode()
     assert ei.value.code is ErrorCode.MALFORMED and ei.value.message.strip()
     good = next(replies())
-    values, headers = encode_replies([good, r])
+    batch = [good, r]
+    values, headers = encode_replies(batch)
     assert values[0] == good.encode() and headers[0] == good.headers()
+    assert batch[0] is good and batch[1].status is ErrorCode.INTERNAL and batch[1].encode() == values[1]
     back = InferReply.decode(values[1])
     assert back.status is ErrorCode.INTERNAL and back.request_id == "r1" and back.worker_id == "w"
     assert back.error_message.startswith("reply failed validation: ")

@@ -124,6 +124,43 @@ def test_poison_goes_to_dlq_while_good_messages_continue(kafka_bootstrap, topics
     assert garbage.startswith("malformed: not valid msgpack at byte 0 of 9: FormatError: byte 0xc1 "), garbage
 
 
+def test_an_overflowing_tenant_gets_an_internal_reply_and_its_batch_is_answered(kafka_bootstrap, sessions, topics,
+                                                                               worker, tenants, tag):
+    """A delta that is finite but overflows (head weights near float32's max) makes NaN scores.
+    Its requests are answered with a typed internal error; the other tenants' requests in the same
+    batches are answered normally, and the partition's offsets move past them all."""
+    import torch
+
+    from tests.adapter_factory import MINILM, random_delta
+    from workers.adapters.store import AdapterStore, make_backend
+    from workers.models import base_dims
+    from workers.tenants import TenantRegistry
+
+    bad = f"{tag}-overflow"
+    config = {"r": 4, "alpha": 8, "sites": ["q", "v"], "task": "seq_cls", "labels": ["a", "b"], "pooling": "mean"}
+    dims = base_dims(MINILM)
+    tensors = random_delta("lora", config, dims, seed=5)
+    tensors["head.weight"] = torch.full((2, dims.hidden), 3e38) * torch.tensor([[1.0], [-1.0]])
+    TenantRegistry(sessions).create(bad)
+    AdapterStore(sessions, make_backend("postgres", None)).import_tensors(bad, "lora", config, tensors, MINILM)
+
+    reqs = []
+    for i in range(24):
+        reqs.append(InferRequest(tenant_id=bad if i % 4 == 0 else tenants[i % 5], text=TEXTS[i % len(TEXTS)]))
+    asyncio.run(produce(kafka_bootstrap, topics.requests, reqs))
+    want = {r.request_id for r in reqs}
+    replies = _by_id(asyncio.run(collect(kafka_bootstrap, topics.replies, lambda rs: want <= {r.request_id for r in rs})))
+    assert want <= set(replies), worker.log_tail()
+    for r in reqs:
+        got = replies[r.request_id][0]
+        if r.tenant_id == bad:
+            assert got.status is ErrorCode.INTERNAL, got
+            assert "failed validation" in got.error_message and "finite" in got.error_message, got.error_message
+        else:
+            assert got.status is ErrorCode.OK, got
+    assert "failed validation" in worker.log_tail()
+
+
 def test_deadline_expiry_replies_expired_without_compute(kafka_bootstrap, topics, worker, tenants):
     past = [InferRequest(tenant_id=tenants[3], text="too late", deadline_ms=now_ms() - 1000) for _ in range(5)]
     fresh = InferRequest(tenant_id=tenants[3], text="in time", deadline_ms=now_ms() + 60_000)

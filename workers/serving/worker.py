@@ -28,7 +28,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 from aiokafka.structs import OffsetAndMetadata
 
-from schema.messages import ErrorCode, Headers, InferReply, InferRequest, WireError
+from schema.messages import ErrorCode, Headers, InferReply, InferRequest, WireError, encode_replies
 from workers.auth import WRONG_TENANT, KeyRow, Keyring, Unanswered
 from workers.serving.batcher import BatchPolicy, CoordinatedBatcher, Pending
 from workers.serving.fault_hooks import CrashPoints
@@ -565,19 +565,27 @@ class Worker:
             await self._send_errors([self._error(w, ErrorCode.INTERNAL, f"engine failed: {err}") for w in works])
             return
         t0 = thread_time()
-        items = []
         failed = 0
         compute_ms = round((t_done - t_submit) * 1e3, 3)
         worker_id = self.cfg.worker_id
+        replies = []
         for w, out in zip(works, outputs):
             req = w.request
             timings = {"queue_ms": round((t_submit - w.received) * 1e3, 3), "compute_ms": compute_ms,
                        "total_ms": round((t_done - w.received) * 1e3, 3)}
-            reply = reply_for_output(out, request_id=req.request_id, tenant_id=req.tenant_id,
-                                     worker_id=worker_id, timings=timings)
+            replies.append(reply_for_output(out, request_id=req.request_id, tenant_id=req.tenant_id,
+                                            worker_id=worker_id, timings=timings))
             failed += out.error is not None
+        # One call for the batch; a reply that fails validation (a NaN score) is replaced by an
+        # internal error reply, so one bad output can never leave its batch unanswered.
+        built = list(replies)
+        values, headers = encode_replies(replies)
+        items = []
+        for w, reply, value, hdrs, first in zip(works, replies, values, headers, built):
+            if reply is not first:
+                log.warning("tenant %s: %s", reply.tenant_id, reply.error_message)
             w.status = reply.status.value
-            items.append((w, reply, reply.encode(), reply.headers()))
+            items.append((w, reply, value, hdrs))
         if failed:
             self.metrics.adapter_lookups.labels("error").inc(failed)
         self.metrics.adapter_lookups.labels("ok").inc(len(works) - failed)

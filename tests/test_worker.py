@@ -161,6 +161,36 @@ def test_an_overflowing_tenant_gets_an_internal_reply_and_its_batch_is_answered(
     assert "failed validation" in worker.log_tail()
 
 
+def test_a_failing_loop_stops_the_worker_with_an_error(kafka_bootstrap, tag):
+    """A loop that raises must not leave the worker ready and holding its partitions while it
+    serves nothing: run() stops and raises, so whatever runs the worker restarts it."""
+    from tests.adapter_factory import MINILM
+    from workers.models import resolve_model_dir
+    from workers.serving.tokens import IntakeTokenizer
+    from workers.serving.worker import Worker, WorkerConfig, WorkerLoopError
+
+    class BrokenTokenizer(IntakeTokenizer):  # fault injection: tokenisation raises
+        def ids(self, reqs, max_len):
+            raise RuntimeError("tokenizer broke")
+
+    topics = asyncio.run(make_topics(kafka_bootstrap, f"{tag}-loop", partitions=1))
+    cfg = WorkerConfig(f"w-{tag}-loop", kafka_bootstrap, topics.requests, topics.replies, topics.dlq,
+                       f"grp-{tag}-loop", [0], shutdown_timeout_s=2.0)
+    w = Worker(cfg, engine=None, tokenizer=BrokenTokenizer(str(resolve_model_dir(MINILM)), False))
+
+    async def go():
+        run = asyncio.create_task(w.run())
+        while not w.ready:
+            assert not run.done(), run
+            await asyncio.sleep(0.05)
+        await produce(kafka_bootstrap, topics.requests, [InferRequest(tenant_id="t", text="hello")])
+        with pytest.raises(WorkerLoopError, match="tokenizer broke"):
+            await asyncio.wait_for(run, 60)
+        assert not w.ready
+
+    asyncio.run(go())
+
+
 def test_deadline_expiry_replies_expired_without_compute(kafka_bootstrap, topics, worker, tenants):
     past = [InferRequest(tenant_id=tenants[3], text="too late", deadline_ms=now_ms() - 1000) for _ in range(5)]
     fresh = InferRequest(tenant_id=tenants[3], text="in time", deadline_ms=now_ms() + 60_000)

@@ -99,6 +99,10 @@ class WorkerConfig:
     auth_summary_s: float = 10.0  # one DLQ record sums up the refusals not answered in this period
 
 
+class WorkerLoopError(RuntimeError):
+    """One of the worker's loops (intake, batching, commits, ...) raised: the worker stopped."""
+
+
 class Worker:
     def __init__(self, cfg: WorkerConfig, engine: EngineAPI, tokenizer: TokenizerAPI,
                  metrics: WorkerMetrics | None = None,
@@ -122,6 +126,7 @@ class Worker:
         self.tracker = OffsetTracker()
         self.stopping = asyncio.Event()
         self.ready = False
+        self.failure: BaseException | None = None  # a loop that died: run() stops and raises it
         self._wake = asyncio.Event()
         self._inflight = asyncio.Semaphore(cfg.inflight_batches)
         self._tasks: set[asyncio.Task] = set()
@@ -178,11 +183,26 @@ class Worker:
         if self.keyring is not None:
             loops += [self._keys_loop(), self._refusal_summary_loop()]
         runners = [asyncio.create_task(c) for c in loops]
+        for t in runners:
+            t.add_done_callback(self._loop_ended)
         try:
             await self.stopping.wait()
         finally:
             self.ready = False
             await self._shutdown(runners)
+        if self.failure is not None:
+            raise WorkerLoopError(f"a worker loop failed: {self.failure!r}") from self.failure
+
+    def _loop_ended(self, task: asyncio.Task) -> None:
+        """A loop that dies would leave the worker holding its partitions while serving nothing
+        (ready, heartbeating): stop instead, so that run() raises and whatever runs the worker
+        (the edge supervisor, systemd, Kubernetes) restarts it; unanswered requests are replayed."""
+        if task.cancelled() or task.exception() is None or self.failure is not None:
+            return
+        self.failure = task.exception()
+        log.error("worker loop %s failed; stopping so that the worker is restarted", task.get_coro().__qualname__,
+                  exc_info=self.failure)
+        self.stop()
 
     def stop(self) -> None:
         self.stopping.set()

@@ -644,8 +644,11 @@ class Worker:
     async def _lag_loop(self) -> None:
         while True:
             await asyncio.sleep(2)
+            assigned = self.consumer.assignment()  # owned but not assigned yet: aiokafka asserts
             for p in list(self.owned):
                 tp = TopicPartition(self.cfg.requests_topic, p)
+                if tp not in assigned:
+                    continue
                 hw = self.consumer.highwater(tp)
                 if hw is None:
                     continue

@@ -237,6 +237,28 @@ def test_kill9_mid_stream_then_restart_loses_nothing(kafka_bootstrap, database_u
     assert duplicates < len(reqs)  # duplicates are bounded by what was in flight at the kill
 
 
+@pytest.mark.parametrize("idle_dispatch", ["1", "0"])
+def test_an_idle_engine_takes_queued_work_without_the_batch_wait(kafka_bootstrap, database_url, tenants, tag,
+                                                                idle_dispatch):
+    """A 20 s batch wait: with idle dispatch a lone request on an idle worker does not wait for it
+    (queue time well under it); without, it waits the whole of it."""
+    topics = asyncio.run(make_topics(kafka_bootstrap, f"{tag}i{idle_dispatch}", partitions=1))
+    w = WorkerProcess(database_url, topics, f"{tag}i{idle_dispatch}", FLOCK_BATCH_MAX_WAIT_MS="20000",
+                      FLOCK_BATCH_IDLE_DISPATCH=idle_dispatch).start()
+    try:
+        req = InferRequest(tenant_id=tenants[0], text=TEXTS[0])
+        asyncio.run(produce(kafka_bootstrap, topics.requests, [req]))
+        got = asyncio.run(collect(kafka_bootstrap, topics.replies, lambda rs: any(r.request_id == req.request_id for r in rs),
+                                  timeout=120))
+        queue_ms = next(r for r in got if r.request_id == req.request_id).timings["queue_ms"]
+        if idle_dispatch == "1":
+            assert queue_ms < 10_000, queue_ms
+        else:
+            assert queue_ms >= 19_000, queue_ms
+    finally:
+        assert w.terminate() == 0
+
+
 def test_backpressure_bounds_unreplied_requests(kafka_bootstrap, database_url, tenants, tag):
     topics = asyncio.run(make_topics(kafka_bootstrap, tag + "b", partitions=1))
     high, low = 40, 10

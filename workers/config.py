@@ -101,6 +101,7 @@ class Settings(BaseSettings):
     batch_max_seqs: int = 256
     batch_max_tenants: int = 128
     batch_max_wait_ms: float = 10.0
+    batch_idle_dispatch: bool = True  # with nothing in flight at the engine, queued work goes at once
     inflight_batches: int = 2  # batches queued at the engine: n+1 is prepared while n runs
     # The engine's adapter pool. A batch pins its distinct tenants, so adapter_slots (per bank:
     # PET type + shape) must be at least batch_max_tenants. A bank takes its slots when first

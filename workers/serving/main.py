@@ -35,6 +35,7 @@ def worker_config(s: Settings) -> WorkerConfig:
         truncate=s.truncate,
         policy=BatchPolicy(max_tokens=s.batch_max_tokens, max_seqs=s.batch_max_seqs,
                            max_tenants=s.batch_max_tenants, max_wait_ms=s.batch_max_wait_ms),
+        idle_dispatch=s.batch_idle_dispatch,
         inflight_batches=s.inflight_batches, high_water=s.partition_high_water, low_water=s.partition_low_water,
         commit_interval_ms=s.commit_interval_ms, version_poll_s=s.version_poll_s,
         shutdown_timeout_s=s.shutdown_timeout_s, follow_leases=follows_leases(s.partitions),

@@ -87,6 +87,7 @@ class WorkerConfig:
     produce_max_batch_bytes: int = 256 * 1024
     fetch_min_bytes: int = 64 * 1024
     fetch_max_wait_ms: int = 5
+    idle_dispatch: bool = True  # a batch goes out at once, unfilled, when the engine has nothing in flight
     client_suffix: str = ""  # Kafka client ids: the edge index in a worker group
     kafka: dict[str, Any] = field(default_factory=dict)  # security options (workers.kafka_conn)
     auth_required: bool = False  # requests must be signed with a tenant key (workers.auth)
@@ -127,6 +128,7 @@ class Worker:
         self.stopping = asyncio.Event()
         self.ready = False
         self.failure: BaseException | None = None  # a loop that died: run() stops and raises it
+        self._at_engine = 0  # batches submitted and not yet completed
         self._wake = asyncio.Event()
         self._inflight = asyncio.Semaphore(cfg.inflight_batches)
         self._tasks: set[asyncio.Task] = set()
@@ -537,7 +539,10 @@ class Worker:
         while True:
             now_ms = time.time() * 1000
             draining = self.stopping.is_set()
-            if not (self.batcher.ready(now_ms) or (draining and len(self.batcher))):
+            # Work-conserving: with nothing at the engine, waiting to fill a batch only adds
+            # latency, so what is queued goes now; while the engine computes, batches fill.
+            idle = self.cfg.idle_dispatch and self._at_engine == 0
+            if not (self.batcher.ready(now_ms) or ((draining or idle) and len(self.batcher))):
                 self._wake.clear()
                 wait = self.batcher.wait_ms(now_ms)
                 try:
@@ -557,6 +562,8 @@ class Worker:
                 except Exception as exc:  # a batch the engine refuses fails its own requests only
                     errors += [self._error(w, ErrorCode.INTERNAL, f"engine refused batch: {exc}") for w in works]
             self.metrics.stage_cpu.add("batch", t0)
+            if future is not None:
+                self._at_engine += 1
             if future is None:
                 self._inflight.release()
                 await self._send_errors(errors)
@@ -579,6 +586,9 @@ class Worker:
             err = exc
         finally:
             self._inflight.release()
+            self._at_engine -= 1
+            if self._at_engine == 0 and len(self.batcher):
+                self._wake.set()  # the engine went idle with work queued: send it now
         t_done = time.monotonic()
         self.metrics.engine_seconds.observe(t_done - t_submit)
         if outputs is None:
